@@ -1,0 +1,1 @@
+"""Canary gateway: a gRPC gateway for ONNX models with canary routing and governance."""

@@ -1,0 +1,1 @@
+"""Generated protocol stubs (python -m gateway.protogen). Do not edit by hand."""

@@ -1,0 +1,64 @@
+"""`canary-gateway`: serve models, or run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from gateway import config as config_module
+from gateway.errors import ConfigError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway import eventloop
+    from gateway.server import serve
+
+    config = config_module.with_overrides(
+        config_module.load(args.config),
+        host=args.host,
+        port=args.port,
+        repository_path=args.model_repository,
+    )
+    logging.basicConfig(
+        level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    eventloop.run(serve(config), use_uvloop=not args.asyncio_loop)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(args.directory, args.port, args.requests)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="canary-gateway", description="gRPC gateway for ONNX models")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a model repository over the Open Inference Protocol")
+    serve.add_argument("--config", help="TOML configuration file")
+    serve.add_argument("--model-repository", help="directory of <model>/<version>/model.onnx")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default 8001; 0 picks a free port)")
+    serve.add_argument("--asyncio-loop", action="store_true", help="use asyncio's event loop instead of uvloop")
+    serve.set_defaults(func=_serve)
+
+    demo = commands.add_parser("demo", help="build two demo model versions, serve them, send traffic")
+    demo.add_argument("--directory", default="demo-models", help="where to write the demo repository")
+    demo.add_argument("--port", type=int, default=8001)
+    demo.add_argument("--requests", type=int, default=200)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"canary-gateway: configuration error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,137 @@
+"""One typed configuration object, loaded from one TOML file and overridden by command-line flags.
+
+Every key is documented in the README. Unknown keys and wrong types are errors that name the key,
+so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gateway.errors import ConfigError
+
+Execution = Literal["auto", "inline", "thread"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8001
+    max_message_bytes: int = 64 * 1024 * 1024
+    grace_period_s: float = 10.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    state_dir: str = "gateway-state"
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    path: str = "models"
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    warmup_runs: int = 3
+
+
+@dataclass(frozen=True)
+class ModelServingConfig:
+    """Per-model serving policy; `[model_defaults]` applies to all, `[models.NAME]` overrides."""
+
+    max_batch_size: int = 64
+    max_batch_wait_us: int = 1000
+    execution: Execution = "auto"
+    inline_threshold_us: int = 1000
+    reject_non_finite: bool = False
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    repository: RepositoryConfig = field(default_factory=RepositoryConfig)
+    model_defaults: ModelServingConfig = field(default_factory=ModelServingConfig)
+    models: dict[str, ModelServingConfig] = field(default_factory=dict)
+
+    def serving(self, model: str) -> ModelServingConfig:
+        return self.models.get(model, self.model_defaults)
+
+
+def _check_value(path: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(annotation, type) and (
+        not isinstance(value, annotation) or (annotation is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{path}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, path: str, base: Any = None) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown configuration key {path}.{unknown[0]}" if path else f"unknown key {unknown[0]}")
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{path}.{name}" if path else name
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            values[name] = _build(annotation, value, key)  # type: ignore[arg-type]
+        elif typing.get_origin(annotation) is dict:
+            values[name] = {}  # filled by the caller, which knows what each entry inherits
+        else:
+            values[name] = _check_value(key, value, annotation)
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)
+
+
+def from_dict(data: dict[str, Any]) -> GatewayConfig:
+    config: GatewayConfig = _build(GatewayConfig, data, "")
+    models_table = data.get("models", {})
+    if not isinstance(models_table, dict):
+        raise ConfigError("models: expected a table of [models.NAME] sections")
+    models = {
+        name: _build(ModelServingConfig, section, f"models.{name}", base=config.model_defaults)
+        for name, section in models_table.items()
+    }
+    return dataclasses.replace(config, models=models)
+
+
+def load(path: str | Path | None) -> GatewayConfig:
+    if path is None:
+        return GatewayConfig()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    return from_dict(data)
+
+
+def with_overrides(config: GatewayConfig, **server_or_repository: Any) -> GatewayConfig:
+    """Apply command-line flags (None means not given) on top of the file."""
+    server = {k: v for k, v in server_or_repository.items() if v is not None and k in ServerConfig.__dataclass_fields__}
+    repo = {
+        k.removeprefix("repository_"): v
+        for k, v in server_or_repository.items()
+        if v is not None and k.startswith("repository_")
+    }
+    return dataclasses.replace(
+        config,
+        server=dataclasses.replace(config.server, **server),
+        repository=dataclasses.replace(config.repository, **repo),
+    )
+
+

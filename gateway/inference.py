@@ -1,0 +1,131 @@
+"""The protocol-agnostic core: `infer(request) -> response` on plain objects and numpy arrays.
+
+Transports (the gRPC servicer today) convert their messages to `InferenceRequest` and back; all
+validation against the model's signature and all execution happens here.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from gateway.errors import InvalidArgument
+from gateway.repository import ModelRepository, ModelVersion
+from gateway.runtime import TensorSpec
+
+
+class InferenceRequest:
+    __slots__ = ("model_name", "model_version", "id", "inputs", "outputs", "datatypes")
+
+    def __init__(
+        self,
+        model_name: str,
+        model_version: str,
+        id: str,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str],
+        datatypes: dict[str, str],
+    ) -> None:
+        self.model_name = model_name
+        self.model_version = model_version
+        self.id = id
+        self.inputs = inputs  # by name, decoded zero-copy from the request bytes
+        self.outputs = outputs  # requested output names; empty means all
+        self.datatypes = datatypes  # the protocol datatype each input was declared with
+
+
+class InferenceResponse:
+    __slots__ = ("model_name", "model_version", "id", "outputs")
+
+    def __init__(
+        self, model_name: str, model_version: str, id: str, outputs: list[tuple[TensorSpec, np.ndarray]]
+    ) -> None:
+        self.model_name = model_name
+        self.model_version = model_version
+        self.id = id
+        self.outputs = outputs
+
+
+def _shape_text(shape: tuple[int, ...] | list[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _check_input(spec: TensorSpec, array: np.ndarray, declared: str, reject_non_finite: bool) -> None:
+    if declared != spec.dtype.v2_name:
+        raise InvalidArgument(
+            f"inputs[{spec.name}].datatype: {declared} does not match the model's {spec.dtype.v2_name}"
+        )
+    if array.ndim != len(spec.shape):
+        raise InvalidArgument(
+            f"inputs[{spec.name}].shape: {_shape_text(array.shape)} has rank {array.ndim}, "
+            f"the model expects rank {len(spec.shape)} {_shape_text(spec.shape)}"
+        )
+    for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
+        if want != -1 and got != want:
+            raise InvalidArgument(
+                f"inputs[{spec.name}].shape: dimension {axis} is {got}, the model expects {want} "
+                f"(shape {_shape_text(spec.shape)})"
+            )
+    if reject_non_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidArgument(f"inputs[{spec.name}]: contains NaN or Inf, which model policy rejects")
+
+
+class InferenceService:
+    """Validates a request against the chosen version's signature and runs it."""
+
+    def __init__(self, repository: ModelRepository) -> None:
+        self.repository = repository
+
+    def _validate(self, version: ModelVersion, request: InferenceRequest) -> int:
+        """Check inputs and outputs; return the batch size (rows) of the request."""
+        model = version.model
+        assert model is not None  # a ready version has a model
+        expected = model.inputs
+        if len(request.inputs) != len(expected) or any(s.name not in request.inputs for s in expected):
+            names = [s.name for s in expected]
+            missing = [n for n in names if n not in request.inputs]
+            if missing:
+                raise InvalidArgument(f"inputs: missing input {missing[0]!r}; the model expects {names}")
+            extra = [n for n in request.inputs if n not in names]
+            raise InvalidArgument(f"inputs: unexpected input {extra[0]!r}; the model expects {names}")
+        reject_non_finite = version.serving.reject_non_finite
+        for spec in expected:
+            _check_input(spec, request.inputs[spec.name], request.datatypes[spec.name], reject_non_finite)
+        rows = 1
+        if model.batchable:
+            batch_sizes = {a.shape[0] for a in request.inputs.values()}
+            if len(batch_sizes) != 1:
+                raise InvalidArgument(f"inputs: batch dimensions differ across inputs: {sorted(batch_sizes)}")
+            rows = batch_sizes.pop()
+            if rows == 0:
+                raise InvalidArgument("inputs: empty batch (dimension 0 is 0)")
+            if rows > version.serving.max_batch_size:
+                raise InvalidArgument(
+                    f"inputs: batch size {rows} exceeds max_batch_size {version.serving.max_batch_size}"
+                )
+        for name in request.outputs:
+            if name not in model.output_names:
+                raise InvalidArgument(f"outputs: unknown output {name!r}; the model has {model.output_names}")
+        return rows
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        version = self.repository.get_ready(request.model_name, request.model_version)
+        start = time.perf_counter_ns()
+        rows = 0
+        try:
+            rows = self._validate(version, request)
+            assert version.batcher is not None and version.model is not None
+            feeds = {spec.name: request.inputs[spec.name] for spec in version.model.inputs}
+            results = await version.batcher.run(feeds, rows)
+        except BaseException:
+            version.stats.record_request(rows, time.perf_counter_ns() - start, ok=False)
+            raise
+        version.stats.record_request(rows, time.perf_counter_ns() - start, ok=True)
+        specs = version.model.outputs
+        if request.outputs:
+            wanted = set(request.outputs)
+            outputs = [(s, r) for s, r in zip(specs, results) if s.name in wanted]
+        else:
+            outputs = list(zip(specs, results))
+        return InferenceResponse(version.name, version.version, request.id, outputs)

@@ -1,0 +1,162 @@
+"""The model repository: versions on disk (`<root>/<name>/<version>/model.onnx`), loaded into
+onnxruntime sessions and warmed up before they are marked ready.
+
+Loading runs off the event loop (the caller uses a thread) so health and readiness RPCs answer
+while models warm up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.batcher import MicroBatcher
+from gateway.config import GatewayConfig, ModelServingConfig
+from gateway.errors import ConfigError, NotFound, Unavailable
+from gateway.runtime import OnnxModel
+from gateway.stats import VersionStats
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+METADATA_FILE = "model.toml"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+@dataclass
+class ModelVersion:
+    """One version of a model: its file, provenance, session and readiness."""
+
+    name: str
+    version: str
+    path: Path
+    serving: ModelServingConfig
+    sha256: str = ""
+    provenance: dict[str, str] = field(default_factory=dict)
+    model: OnnxModel | None = None
+    batcher: MicroBatcher | None = None
+    stats: VersionStats = field(default_factory=VersionStats)
+    state: str = "LOADING"  # LOADING -> READY | FAILED
+    reason: str = ""
+    warmup_us: float = 0.0
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "READY"
+
+    def load(self, intra_op_threads: int, inter_op_threads: int, warmup_runs: int) -> None:
+        """Load, hash and warm up; on failure the version stays unroutable with a reason."""
+        try:
+            self.sha256 = _sha256(self.path / MODEL_FILE)
+            metadata = self.path / METADATA_FILE
+            if metadata.exists():
+                with open(metadata, "rb") as f:
+                    self.provenance = _flatten(tomllib.load(f))
+            model = OnnxModel(self.path / MODEL_FILE, intra_op_threads, inter_op_threads)
+            self.warmup_us = model.warm_up(warmup_runs)
+            inline = self.serving.execution == "inline" or (
+                self.serving.execution == "auto" and self.warmup_us < self.serving.inline_threshold_us
+            )
+            self.batcher = MicroBatcher(
+                model, self.stats, self.serving.max_batch_size, self.serving.max_batch_wait_us, inline
+            )
+            self.model = model
+            self.state = "READY"
+            log.info(
+                "model %s version %s ready (warm-up run %.0f us, %s execution, sha256 %s)",
+                self.name, self.version, self.warmup_us, "inline" if inline else "threaded", self.sha256[:12],
+            )
+        except (ConfigError, tomllib.TOMLDecodeError, OSError) as e:
+            self.state, self.reason = "FAILED", str(e)
+            log.error("model %s version %s failed to load: %s", self.name, self.version, e)
+
+
+def _version_key(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (-1, version)
+
+
+class ModelRepository:
+    """All model versions found under the repository root, by name and version."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self._config = config
+        root = Path(config.repository.path)
+        if not root.is_dir():
+            raise ConfigError(f"model repository {root} is not a directory")
+        self.models: dict[str, dict[str, ModelVersion]] = {}
+        for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            versions = sorted(
+                (v.name for v in model_dir.iterdir() if (v / MODEL_FILE).is_file()), key=_version_key
+            )
+            if versions:
+                serving = config.serving(model_dir.name)
+                self.models[model_dir.name] = {
+                    v: ModelVersion(model_dir.name, v, model_dir / v, serving) for v in versions
+                }
+        unknown = sorted(set(config.models) - set(self.models))
+        if unknown:
+            raise ConfigError(f"models.{unknown[0]}: no such model in repository {root}")
+
+    def all_versions(self) -> list[ModelVersion]:
+        return [v for versions in self.models.values() for v in versions.values()]
+
+    def load_all(self) -> None:
+        repo = self._config.repository
+        for version in self.all_versions():
+            version.load(repo.intra_op_threads, repo.inter_op_threads, repo.warmup_runs)
+
+    @property
+    def ready(self) -> bool:
+        """Every version finished loading and at least one is ready (failed ones stay unroutable)."""
+        versions = self.all_versions()
+        return all(v.state != "LOADING" for v in versions) and any(v.ready for v in versions)
+
+    def versions_of(self, name: str) -> dict[str, ModelVersion]:
+        versions = self.models.get(name)
+        if versions is None:
+            raise NotFound(f"model_name: unknown model {name!r}")
+        return versions
+
+    def get(self, name: str, version: str) -> ModelVersion:
+        """The named version, or the highest version when `version` is empty."""
+        versions = self.versions_of(name)
+        if not version:
+            return list(versions.values())[-1]
+        found = versions.get(version)
+        if found is None:
+            raise NotFound(f"model_version: model {name!r} has no version {version!r}")
+        return found
+
+    def get_ready(self, name: str, version: str) -> ModelVersion:
+        found = self.get(name, version)
+        if not found.ready:
+            detail = f": {found.reason}" if found.reason else ""
+            raise Unavailable(f"model {name!r} version {found.version!r} is {found.state}{detail}")
+        return found
+
+    def close(self) -> None:
+        for version in self.all_versions():
+            if version.batcher is not None:
+                version.batcher.close()

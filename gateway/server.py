@@ -1,0 +1,90 @@
+"""Server lifecycle, top to bottom: build, start, load and warm up models, serve, drain on signal.
+
+Readiness (the gRPC health service, ServerReady, ModelReady) stays false until every model
+version has finished loading and warming up; liveness is true as soon as the port is open.
+SIGTERM or SIGINT stops accepting new calls, lets in-flight calls finish within the grace
+period, and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway._proto import inference_pb2, inference_pb2_grpc
+from gateway.config import GatewayConfig
+from gateway.inference import InferenceService
+from gateway.repository import ModelRepository
+from gateway.servicer import InferenceServicer
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class Gateway:
+    """The one application object: the repository, the core service and the gRPC server."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.repository = ModelRepository(config)
+        self.service = InferenceService(self.repository)
+        limit = config.server.max_message_bytes
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),  # a second gateway on the same port is a mistake, not a peer
+            ]
+        )
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.repository, self.service), self.server
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        address = f"{config.server.host}:{config.server.port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", INFERENCE_SERVICE):
+            await self.health.set(service, status)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self._set_serving(False)
+        await self.server.start()
+        log.info("listening on %s:%d", self.config.server.host, self.port)
+        loading = asyncio.create_task(asyncio.to_thread(self.repository.load_all))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if loading.done():
+            loading.result()
+            await self._set_serving(self.repository.ready)
+            log.info("ready: %d model versions loaded", sum(v.ready for v in self.repository.all_versions()))
+        await stopping
+        log.info("draining: stop accepting, finishing in-flight calls (grace %.1fs)", self.config.server.grace_period_s)
+        await self._set_serving(False)
+        await self.server.stop(self.config.server.grace_period_s)
+        if not loading.done():
+            await loading  # let warm-up finish so its thread does not outlive the sessions
+        self.repository.close()
+        log.info("stopped")
+
+
+async def serve(config: GatewayConfig) -> None:
+    gateway = Gateway(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await gateway.run(stop)

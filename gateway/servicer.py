@@ -1,0 +1,166 @@
+"""The gRPC transport for the inference service: proto in, one call into the core, proto out.
+
+Errors from below are one family (`GatewayError`); this module is the one place that turns them
+into gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import PackageNotFoundError, version as package_version
+
+import grpc
+
+from gateway._proto import inference_pb2 as pb
+from gateway._proto import inference_pb2_grpc
+from gateway.codec import decode_request, encode_response
+from gateway.errors import GatewayError
+from gateway.inference import InferenceService
+from gateway.repository import ModelRepository, ModelVersion
+from gateway.runtime import TensorSpec
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "canary-gateway"
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data"]
+
+
+def _server_version() -> str:
+    try:
+        return package_version(SERVER_NAME)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _reject(context: grpc.aio.ServicerContext, method: str, error: GatewayError) -> None:
+    log.info("%s rejected with %s: %s", method, error.code.name, error.message)
+    context.set_code(error.code)
+    context.set_details(error.message)
+
+
+def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.dtype.v2_name, shape=spec.shape)
+
+
+def _duration(count: int, ns: int) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=count, ns=ns)
+
+
+class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, repository: ModelRepository, service: InferenceService) -> None:
+        self._repository = repository
+        self._service = service
+        self._version = _server_version()
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._repository.ready)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        try:
+            return pb.ModelReadyResponse(ready=self._repository.get(request.name, request.version).ready)
+        except GatewayError as e:
+            _reject(context, "ModelReady", e)
+            return pb.ModelReadyResponse()
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=EXTENSIONS)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        try:
+            version = self._repository.get_ready(request.name, request.version)
+        except GatewayError as e:
+            _reject(context, "ModelMetadata", e)
+            return pb.ModelMetadataResponse()
+        assert version.model is not None
+        return pb.ModelMetadataResponse(
+            name=version.name,
+            versions=list(self._repository.versions_of(version.name)),
+            platform=PLATFORM,
+            inputs=[_tensor_metadata(s) for s in version.model.inputs],
+            outputs=[_tensor_metadata(s) for s in version.model.outputs],
+        )
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        try:
+            version = self._repository.get_ready(request.name, request.version)
+        except GatewayError as e:
+            _reject(context, "ModelConfig", e)
+            return pb.ModelConfigResponse()
+        return pb.ModelConfigResponse(config=_model_config(version))
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        try:
+            if request.name:
+                versions = self._repository.versions_of(request.name)
+                chosen = [self._repository.get(request.name, request.version)] if request.version else list(versions.values())
+            else:
+                chosen = self._repository.all_versions()
+        except GatewayError as e:
+            _reject(context, "ModelStatistics", e)
+            return pb.ModelStatisticsResponse()
+        return pb.ModelStatisticsResponse(model_stats=[_statistics(v) for v in chosen])
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        try:
+            response = await self._service.infer(decode_request(request))
+        except GatewayError as e:
+            _reject(context, "ModelInfer", e)
+            return pb.ModelInferResponse()
+        return encode_response(response)
+
+
+def _model_config(version: ModelVersion) -> pb.ModelConfig:
+    model = version.model
+    assert model is not None
+    batchable = model.batchable
+    skip = 1 if batchable else 0  # Triton reports dims without the batch dimension
+    config = pb.ModelConfig(
+        name=version.name,
+        platform=PLATFORM,
+        backend="onnxruntime",
+        max_batch_size=version.serving.max_batch_size if batchable else 0,
+        default_model_filename="model.onnx",
+        input=[pb.ModelInput(name=s.name, data_type=s.dtype.triton_enum, dims=s.shape[skip:]) for s in model.inputs],
+        output=[pb.ModelOutput(name=s.name, data_type=s.dtype.triton_enum, dims=s.shape[skip:]) for s in model.outputs],
+    )
+    if batchable:
+        config.dynamic_batching.max_queue_delay_microseconds = version.serving.max_batch_wait_us
+    parameters = {
+        "version": version.version,
+        "sha256": version.sha256,
+        "execution": "inline" if version.batcher and version.batcher.inline else "threaded",
+        **version.provenance,
+    }
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
+    return config
+
+
+def _statistics(version: ModelVersion) -> pb.ModelStatistics:
+    s = version.stats
+    return pb.ModelStatistics(
+        name=version.name,
+        version=version.version,
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(s.success.count, s.success.ns),
+            fail=_duration(s.fail.count, s.fail.ns),
+            compute_infer=_duration(s.compute_infer.count, s.compute_infer.ns),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(d.count, d.ns))
+            for size, d in sorted(s.batch_sizes.items())
+        ],
+    )

@@ -1,0 +1,1 @@
+"""Routing rules and the live route table."""
