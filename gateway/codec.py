@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from gateway._proto import inference_pb2 as pb
+from gateway.protocol import inference as pb
 from gateway.datatypes import BY_V2_NAME, DataType
 from gateway.errors import InvalidArgument
 from gateway.inference import InferenceRequest, InferenceResponse

@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from gateway._proto import inference_pb2 as pb
-from gateway._proto import inference_pb2_grpc
+from gateway.protocol import Stub
+from gateway.protocol import inference as pb
 
 MODEL_NAME = "breast_cancer"
 
@@ -60,7 +60,7 @@ def build_demo_repository(directory: str | Path) -> tuple[np.ndarray, np.ndarray
     return x_test, y_test
 
 
-def _wait_ready(stub: inference_pb2_grpc.GRPCInferenceServiceStub, process: subprocess.Popen[bytes]) -> None:
+def _wait_ready(stub: Stub, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -74,7 +74,7 @@ def _wait_ready(stub: inference_pb2_grpc.GRPCInferenceServiceStub, process: subp
     raise SystemExit("gateway did not become ready within 60 s")
 
 
-def _infer(stub: inference_pb2_grpc.GRPCInferenceServiceStub, row: np.ndarray, version: str, request_id: str) -> pb.ModelInferResponse:
+def _infer(stub: Stub, row: np.ndarray, version: str, request_id: str) -> pb.ModelInferResponse:
     request = pb.ModelInferRequest(model_name=MODEL_NAME, model_version=version, id=request_id)
     request.inputs.add(name="X", datatype="FP32", shape=[1, row.shape[0]])
     request.raw_input_contents.append(row.astype(np.float32).tobytes())
@@ -93,7 +93,7 @@ def run_demo(directory: str, port: int, requests: int) -> int:
     )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+            stub = Stub(channel)
             _wait_ready(stub, process)
             metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name=MODEL_NAME))
             print(f"3. ready; {MODEL_NAME} versions {list(metadata.versions)}, input {metadata.inputs[0].name} "

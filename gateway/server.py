@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway._proto import inference_pb2, inference_pb2_grpc
+from gateway import protocol
 from gateway.config import GatewayConfig
 from gateway.inference import InferenceService
 from gateway.repository import ModelRepository
@@ -24,7 +24,7 @@ from gateway.servicer import InferenceServicer
 
 log = logging.getLogger(__name__)
 
-INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+INFERENCE_SERVICE = protocol.inference.GRPCInferenceService.full_name
 
 
 class Gateway:
@@ -42,13 +42,13 @@ class Gateway:
                 ("grpc.so_reuseport", 0),  # a second gateway on the same port is a mistake, not a peer
             ]
         )
-        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.repository, self.service), self.server
+        protocol.add_service(
+            self.server, protocol.inference.GRPCInferenceService, InferenceServicer(self.repository, self.service)
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+            [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server, pool=protocol.POOL
         )
         address = f"{config.server.host}:{config.server.port}"
         self.port = self.server.add_insecure_port(address)

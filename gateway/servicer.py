@@ -11,8 +11,7 @@ from importlib.metadata import PackageNotFoundError, version as package_version
 
 import grpc
 
-from gateway._proto import inference_pb2 as pb
-from gateway._proto import inference_pb2_grpc
+from gateway.protocol import inference as pb
 from gateway.codec import decode_request, encode_response
 from gateway.errors import GatewayError
 from gateway.inference import InferenceService
@@ -47,7 +46,9 @@ def _duration(count: int, ns: int) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=count, ns=ns)
 
 
-class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer:
+    """Implements every RPC of `inference.GRPCInferenceService` (registered by `protocol.add_service`)."""
+
     def __init__(self, repository: ModelRepository, service: InferenceService) -> None:
         self._repository = repository
         self._service = service

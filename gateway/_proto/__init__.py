@@ -1,1 +1,1 @@
-"""Generated protocol stubs (python -m gateway.protogen). Do not edit by hand."""
+"""Compiled descriptor sets of protos/*.proto (`python -m gateway.protogen`). Do not edit."""

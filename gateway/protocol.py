@@ -1,0 +1,78 @@
+"""Protocol messages, server handlers and client stubs, built from our compiled .proto files.
+
+Messages live in a private descriptor pool (see `gateway.protogen` for why), so this module
+replaces protoc's generated `_pb2`/`_pb2_grpc` modules: `inference.ModelInferRequest` is the
+message class, `add_service` registers an implementation object whose methods are named after
+the RPCs, and `Stub` is a client for tests, the demo and the CLI.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+
+POOL = descriptor_pool.DescriptorPool()
+
+
+def _load(name: str) -> SimpleNamespace:
+    data = resources.files("gateway._proto").joinpath(f"{name}.binpb").read_bytes()
+    namespace = SimpleNamespace()
+    for file in descriptor_pb2.FileDescriptorSet.FromString(data).file:
+        POOL.Add(file)
+        if file.name != f"{name}.proto":
+            continue
+        descriptor = POOL.FindFileByName(file.name)
+        for message_name, message in descriptor.message_types_by_name.items():
+            setattr(namespace, message_name, message_factory.GetMessageClass(message))
+        for enum_name, enum in descriptor.enum_types_by_name.items():
+            setattr(namespace, enum_name, {v.name: v.number for v in enum.values})
+        for service_name, service in descriptor.services_by_name.items():
+            setattr(namespace, service_name, service)
+    return namespace
+
+
+inference: Any = _load("inference")
+
+
+def _types(service: ServiceDescriptor, method_name: str) -> tuple[Any, Any]:
+    method = service.methods_by_name[method_name]
+    return (
+        message_factory.GetMessageClass(method.input_type),
+        message_factory.GetMessageClass(method.output_type),
+    )
+
+
+def add_service(server: grpc.aio.Server, service: ServiceDescriptor, implementation: object) -> None:
+    """Register `implementation.<RpcName>` coroutines for every unary RPC of `service`."""
+    handlers = {}
+    for method in service.methods:
+        request_type, response_type = _types(service, method.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(implementation, method.name),
+            request_deserializer=request_type.FromString,
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+class Stub:
+    """A client for `service` on a sync or aio channel: `Stub(channel).ModelInfer(request)`."""
+
+    def __init__(self, channel: grpc.Channel | grpc.aio.Channel, service: ServiceDescriptor | None = None) -> None:
+        service = service or inference.GRPCInferenceService
+        for method in service.methods:
+            request_type, response_type = _types(service, method.name)
+            callable_ = channel.unary_unary(
+                f"/{service.full_name}/{method.name}",
+                request_serializer=request_type.SerializeToString,
+                response_deserializer=response_type.FromString,
+            )
+            setattr(self, method.name, callable_)
+
+    def __getattr__(self, name: str) -> Any:  # for type checkers: methods are set per service
+        raise AttributeError(name)

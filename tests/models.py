@@ -1,0 +1,139 @@
+"""ONNX models the tests build with onnx.helper, written as a model repository."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = [helper.make_opsetid("", 17)]
+
+DTYPES = {
+    "FP32": (TensorProto.FLOAT, np.float32),
+    "FP64": (TensorProto.DOUBLE, np.float64),
+    "FP16": (TensorProto.FLOAT16, np.float16),
+    "INT8": (TensorProto.INT8, np.int8),
+    "INT16": (TensorProto.INT16, np.int16),
+    "INT32": (TensorProto.INT32, np.int32),
+    "INT64": (TensorProto.INT64, np.int64),
+    "UINT8": (TensorProto.UINT8, np.uint8),
+    "BOOL": (TensorProto.BOOL, np.bool_),
+}
+
+
+def _save(repo: Path, name: str, version: str, graph: onnx.GraphProto, toml: str | None = None) -> Path:
+    model = helper.make_model(graph, opset_imports=OPSET)
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = repo / name / version
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "model.onnx").write_bytes(model.SerializeToString())
+    if toml is not None:
+        (path / "model.toml").write_text(toml)
+    return path
+
+
+def mlp_graph(features: int = 32, hidden: int = 64, outputs: int = 16, seed: int = 0) -> onnx.GraphProto:
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array(rng.standard_normal((features, hidden)).astype(np.float32), "w1")
+    b1 = numpy_helper.from_array(rng.standard_normal(hidden).astype(np.float32), "b1")
+    w2 = numpy_helper.from_array(rng.standard_normal((hidden, outputs)).astype(np.float32), "w2")
+    b2 = numpy_helper.from_array(rng.standard_normal(outputs).astype(np.float32), "b2")
+    return helper.make_graph(
+        [
+            helper.make_node("Gemm", ["input", "w1", "b1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Gemm", ["r", "w2", "b2"], ["output"]),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", outputs])],
+        [w1, b1, w2, b2],
+    )
+
+
+def identity_graph(v2_dtype: str, width: int | str = 4) -> onnx.GraphProto:
+    onnx_type, _ = DTYPES[v2_dtype]
+    return helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        f"identity_{v2_dtype}",
+        [helper.make_tensor_value_info("x", onnx_type, ["N", width])],
+        [helper.make_tensor_value_info("y", onnx_type, ["N", width])],
+    )
+
+
+def two_outputs_graph() -> onnx.GraphProto:
+    one = numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one")
+    two = numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two")
+    return helper.make_graph(
+        [helper.make_node("Add", ["x", "one"], ["plus_one"]), helper.make_node("Mul", ["x", "two"], ["times_two"])],
+        "two_outputs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [
+            helper.make_tensor_value_info("plus_one", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("times_two", TensorProto.FLOAT, ["N", 4]),
+        ],
+        [one, two],
+    )
+
+
+def fixed_shape_graph() -> onnx.GraphProto:
+    return helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+
+
+def gather_graph() -> onnx.GraphProto:
+    """Looks up indices in a table of 5 values: an index out of range fails inside onnxruntime."""
+    table = numpy_helper.from_array(np.arange(5, dtype=np.float32) * 10, "table")
+    return helper.make_graph(
+        [helper.make_node("Gather", ["table", "index"], ["value"])],
+        "gather",
+        [helper.make_tensor_value_info("index", TensorProto.INT64, ["N", 1])],
+        [helper.make_tensor_value_info("value", TensorProto.FLOAT, ["N", 1])],
+        [table],
+    )
+
+
+def heavy_graph(size: int = 1024) -> onnx.GraphProto:
+    """A square matmul slow enough (milliseconds) to keep requests in flight."""
+    w = numpy_helper.from_array(np.random.default_rng(1).standard_normal((size, size)).astype(np.float32), "w")
+    return helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("MatMul", ["a", "w"], ["y"])],
+        "heavy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", size])],
+        [w],
+    )
+
+
+PROVENANCE = """[provenance]
+training_commit = "abc123"
+data_version = "2026-11-01"
+owner = "risk-team"
+[metrics]
+auc = 0.91
+"""
+
+
+def build_repository(repo: Path) -> Path:
+    """The standard test repository: several models covering the protocol's cases."""
+    _save(repo, "mlp", "1", mlp_graph(seed=0), PROVENANCE)
+    _save(repo, "mlp", "2", mlp_graph(seed=1))
+    for dtype in DTYPES:
+        _save(repo, f"identity_{dtype.lower()}", "1", identity_graph(dtype))
+    _save(repo, "sequence", "1", identity_graph("FP32", width="S"))
+    _save(repo, "two_outputs", "1", two_outputs_graph())
+    _save(repo, "fixed", "1", fixed_shape_graph())
+    _save(repo, "gather", "1", gather_graph())
+    return repo
+
+
+def build_heavy_repository(repo: Path) -> Path:
+    _save(repo, "heavy", "1", heavy_graph())
+    return repo
