@@ -10,4 +10,6 @@ extensions = [
     for pyx in sorted(Path("native").glob("*.pyx"))
 ]
 
-setup(ext_modules=cythonize(extensions, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}))
+setup(
+    ext_modules=cythonize(extensions, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False})
+)

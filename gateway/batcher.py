@@ -1,10 +1,16 @@
 """Micro-batching: concurrent requests for one model version run as one onnxruntime call.
 
-grpc.aio hands handlers one request per event-loop turn, so batching only what is queued at the
-same instant averages ~1 request per batch. The batcher therefore waits, but only while it
-expects company: the target batch is the peak number of concurrent callers seen recently, and a
-batch is flushed as soon as that many requests are queued or `max_batch_wait_us` has passed. At
-concurrency 1 the target is 1 and a request runs at once, with no added wait.
+grpc.aio hands handlers one request per event-loop turn, and a small model runs inline in
+microseconds, so from inside the server a burst of concurrent callers looks like a sequence of
+lone requests: batching only what is queued at the same instant averages ~1 request per batch.
+The batcher therefore waits for company, but only where waiting has been seen to pay:
+
+* Idle mode (the start, and concurrency 1): a request runs at once with no added wait. Every
+  `PROBE_INTERVAL_S` one request waits up to `max_batch_wait_us` to see whether another arrives.
+* Batching mode (entered when a wait gathered more than one request): requests queue until the
+  target batch size is reached or `max_batch_wait_us` has passed. Reaching the target raises it
+  by one (explore); a timeout sets it to what the wait gathered. Two waits in a row that gather
+  nobody return to idle mode, so a drop in load stops costing latency at once.
 """
 
 from __future__ import annotations
@@ -21,17 +27,20 @@ from gateway.runtime import OnnxModel
 from gateway.stats import VersionStats
 
 Feeds = dict[str, np.ndarray]
-PEAK_WINDOW_S = 0.05
+_Results = list[list[np.ndarray] | GatewayError]  # per request of a batch: its outputs or its error
+PROBE_INTERVAL_S = 0.2
+IDLE_AFTER_EMPTY_WAITS = 2
 
 
 class _Pending:
-    __slots__ = ("feeds", "rows", "future", "key")
+    __slots__ = ("feeds", "rows", "future", "key", "queued_ns")
 
     def __init__(self, feeds: Feeds, rows: int, future: asyncio.Future[list[np.ndarray]]) -> None:
         self.feeds = feeds
         self.rows = rows
         self.future = future
         self.key = tuple(a.shape[1:] for a in feeds.values())
+        self.queued_ns = time.perf_counter_ns()
 
 
 class MicroBatcher:
@@ -51,66 +60,97 @@ class MicroBatcher:
         self._max_wait_s = max_batch_wait_us / 1e6
         self._executor = None if inline else ThreadPoolExecutor(1, thread_name_prefix="onnx")
         self._queue: list[_Pending] = []
+        self._queued_rows = 0
         self._timer: asyncio.TimerHandle | None = None
         self._busy = False  # a threaded run is in progress
-        self._inflight = 0
-        self._peak = 1
-        self._previous_peak = 1
-        self._window_end = 0.0
+        self._batching = False
+        self._target = 2
+        self._empty_waits = 0
+        self._next_probe = 0.0
 
     @property
     def inline(self) -> bool:
         return self._executor is None
 
-    def _target(self) -> int:
+    def _should_wait(self) -> bool:
+        """Idle mode runs a request at once, except for one probe per interval."""
+        if self._batching or self._max_wait_s <= 0 or self._max_rows == 1:
+            return self._batching and self._max_wait_s > 0 and self._max_rows > 1
         now = time.monotonic()
-        if now >= self._window_end:
-            self._previous_peak, self._peak = self._peak, self._inflight
-            self._window_end = now + PEAK_WINDOW_S
-        elif self._inflight > self._peak:
-            self._peak = self._inflight
-        return min(max(self._peak, self._previous_peak), self._max_rows)
+        if now < self._next_probe:
+            return False
+        self._next_probe = now + PROBE_INTERVAL_S
+        return True
 
     async def run(self, feeds: Feeds, rows: int) -> list[np.ndarray]:
         """Outputs (in signature order) for these rows."""
-        self._inflight += 1
-        try:
-            target = self._target()
-            if self.inline and not self._queue and (target <= 1 or rows >= self._max_rows):
-                return self._execute_now(feeds, rows)
-            loop = asyncio.get_running_loop()
-            pending = _Pending(feeds, rows, loop.create_future())
-            self._queue.append(pending)
-            queued_rows = sum(p.rows for p in self._queue)
-            if queued_rows >= target or queued_rows >= self._max_rows:
-                self._flush()
-            elif self._timer is None:
-                self._timer = loop.call_later(self._max_wait_s, self._flush)
-            return await pending.future
-        finally:
-            self._inflight -= 1
+        starting = not self._queue
+        wait = starting and rows < self._max_rows and self._should_wait()
+        if starting and not wait and self.inline:
+            return self._execute_now(feeds, rows)
+        loop = asyncio.get_running_loop()
+        pending = _Pending(feeds, rows, loop.create_future())
+        self._queue.append(pending)
+        self._queued_rows += rows
+        if self._busy:
+            pass  # the running batch flushes the queue when it finishes
+        elif starting and not wait:
+            self._flush()
+        elif starting:
+            self._timer = loop.call_later(self._max_wait_s, self._on_timeout)
+        elif self._queued_rows >= min(self._target, self._max_rows):
+            self._batching, self._empty_waits = True, 0
+            self._target = min(self._target + 1, self._max_rows)
+            self._flush()
+        return await pending.future
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        self._stats.batch_wait_timeouts += 1
+        gathered = len(self._queue)
+        if gathered > 1:
+            self._batching, self._empty_waits = True, 0
+            self._target = max(2, min(self._queued_rows, self._max_rows))
+        else:
+            self._empty_waits += 1
+            if self._empty_waits >= IDLE_AFTER_EMPTY_WAITS:
+                self._batching, self._target = False, 2
+                self._next_probe = time.monotonic() + PROBE_INTERVAL_S
+        self._flush()
 
     def _execute_now(self, feeds: Feeds, rows: int) -> list[np.ndarray]:
         start = time.perf_counter_ns()
+        outputs = self._run(feeds, rows)
+        if isinstance(outputs, BaseException):
+            raise outputs
+        self._stats.record_compute(0, 0, time.perf_counter_ns() - start, 0)
+        return outputs
+
+    def _run(self, feeds: Feeds, rows: int) -> list[np.ndarray] | GatewayError:
+        """One onnxruntime call, counted as one execution."""
+        start = time.perf_counter_ns()
         try:
             outputs = self._model.run(feeds)
-        except GatewayError:
+        except GatewayError as e:
             self._stats.record_execution(rows, time.perf_counter_ns() - start, ok=False)
-            raise
+            return e
         self._stats.record_execution(rows, time.perf_counter_ns() - start, ok=True)
         return outputs
 
     def _take_batch(self) -> list[_Pending]:
         """Pop the oldest requests that share trailing shapes, up to the row limit."""
         first = self._queue[0]
-        batch, rest, rows = [], [], 0
+        batch: list[_Pending] = []
+        rest: list[_Pending] = []
+        rows = 0
         for p in self._queue:
-            if p.key == first.key and rows + p.rows <= self._max_rows or not batch:
+            if not batch or (p.key == first.key and rows + p.rows <= self._max_rows):
                 batch.append(p)
                 rows += p.rows
             else:
                 rest.append(p)
         self._queue = rest
+        self._queued_rows -= rows
         return batch
 
     def _flush(self) -> None:
@@ -130,43 +170,46 @@ class MicroBatcher:
                 job.add_done_callback(self._threaded_done(batch))
                 return
 
-    def _threaded_done(self, batch: list[_Pending]) -> Callable[[asyncio.Future[object]], None]:
-        def done(job: asyncio.Future[object]) -> None:
+    def _threaded_done(self, batch: list[_Pending]) -> Callable[[asyncio.Future[_Results]], None]:
+        def done(job: asyncio.Future[_Results]) -> None:
             self._busy = False
-            self._complete(batch, job.result())  # type: ignore[arg-type]
+            self._complete(batch, job.result())
             if self._queue:
                 self._flush()
 
         return done
 
-    def _execute_batch(self, batch: list[_Pending]) -> list[list[np.ndarray] | BaseException]:
+    def _execute_batch(self, batch: list[_Pending]) -> _Results:
         """Run a batch; on failure rerun each request alone so only the culprit fails."""
-        if len(batch) == 1:
-            return [self._try(batch[0].feeds, batch[0].rows)]
+        started = time.perf_counter_ns()
         rows = [p.rows for p in batch]
-        feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
-        merged = self._try(feeds, sum(rows))
-        if isinstance(merged, BaseException):
-            return [self._try(p.feeds, p.rows) for p in batch]
-        if any(o.shape[:1] != (sum(rows),) for o in merged):
+        total = sum(rows)
+        if len(batch) == 1:
+            feeds = batch[0].feeds
+        else:
+            feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
+        merged_at = time.perf_counter_ns()
+        merged = self._run(feeds, total)
+        ran_at = time.perf_counter_ns()
+        results: _Results
+        if isinstance(merged, GatewayError):
+            results = [merged] if len(batch) == 1 else [self._run(p.feeds, p.rows) for p in batch]
+        elif len(batch) == 1:
+            results = [merged]
+        elif any(o.shape[:1] != (total,) for o in merged):
             error = ModelExecutionError("model output batch dimension does not match its input batch")
-            return [error for _ in batch]
-        results: list[list[np.ndarray] | BaseException] = []
-        offset = 0
-        for n in rows:
-            results.append([o[offset : offset + n] for o in merged])
-            offset += n
+            results = [error for _ in batch]
+        else:
+            offsets = np.cumsum(rows)
+            results = [[o[end - n : end] for o in merged] for n, end in zip(rows, offsets, strict=True)]
+        done_at = time.perf_counter_ns()
+        for p in batch:
+            self._stats.record_compute(started - p.queued_ns, merged_at - started, ran_at - merged_at, done_at - ran_at)
         return results
 
-    def _try(self, feeds: Feeds, rows: int) -> list[np.ndarray] | BaseException:
-        try:
-            return self._execute_now(feeds, rows)
-        except GatewayError as e:
-            return e
-
     @staticmethod
-    def _complete(batch: list[_Pending], results: list[list[np.ndarray] | BaseException]) -> None:
-        for pending, result in zip(batch, results):
+    def _complete(batch: list[_Pending], results: _Results) -> None:
+        for pending, result in zip(batch, results, strict=True):
             if pending.future.done():  # the caller went away (cancelled)
                 continue
             if isinstance(result, BaseException):

@@ -20,9 +20,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         repository_path=args.model_repository,
     )
-    logging.basicConfig(
-        level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     eventloop.run(serve(config), use_uvloop=not args.asyncio_loop)
     return 0
 

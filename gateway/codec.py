@@ -11,10 +11,10 @@ import math
 
 import numpy as np
 
-from gateway.protocol import inference as pb
 from gateway.datatypes import BY_V2_NAME, DataType
 from gateway.errors import InvalidArgument
 from gateway.inference import InferenceRequest, InferenceResponse
+from gateway.protocol import inference as pb
 
 
 def _datatype(name: str, declared: str) -> DataType:
@@ -44,7 +44,9 @@ def _from_raw(name: str, dtype: DataType, shape: tuple[int, ...], raw: bytes) ->
 
 def _from_contents(name: str, dtype: DataType, shape: tuple[int, ...], contents: pb.InferTensorContents) -> np.ndarray:
     if dtype.contents_field is None:
-        raise InvalidArgument(f"inputs[{name}].contents: {dtype.v2_name} cannot be sent as typed contents; use raw_input_contents")
+        raise InvalidArgument(
+            f"inputs[{name}].contents: {dtype.v2_name} cannot be sent as typed contents; use raw_input_contents"
+        )
     values = getattr(contents, dtype.contents_field)
     count = math.prod(shape)
     if len(values) != count:

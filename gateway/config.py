@@ -133,5 +133,3 @@ def with_overrides(config: GatewayConfig, **server_or_repository: Any) -> Gatewa
         server=dataclasses.replace(config.server, **server),
         repository=dataclasses.replace(config.repository, **repo),
     )
-
-

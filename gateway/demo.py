@@ -26,13 +26,13 @@ MODEL_NAME = "breast_cancer"
 
 def build_demo_repository(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Train and write v1 and v2; return held-out (features, labels) for traffic."""
+    from skl2onnx import to_onnx
     from sklearn.datasets import load_breast_cancer
     from sklearn.ensemble import GradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    from skl2onnx import to_onnx
 
     x, y = load_breast_cancer(return_X_y=True)
     x = x.astype(np.float32)
@@ -96,8 +96,10 @@ def run_demo(directory: str, port: int, requests: int) -> int:
             stub = Stub(channel)
             _wait_ready(stub, process)
             metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name=MODEL_NAME))
-            print(f"3. ready; {MODEL_NAME} versions {list(metadata.versions)}, input {metadata.inputs[0].name} "
-                  f"{metadata.inputs[0].datatype} {list(metadata.inputs[0].shape)}")
+            print(
+                f"3. ready; {MODEL_NAME} versions {list(metadata.versions)}, input {metadata.inputs[0].name} "
+                f"{metadata.inputs[0].datatype} {list(metadata.inputs[0].shape)}"
+            )
             print(f"4. sending {requests} requests, alternating explicit versions 1 and 2 and the default")
             answered: collections.Counter[str] = collections.Counter()
             correct: collections.Counter[str] = collections.Counter()
@@ -110,8 +112,10 @@ def run_demo(directory: str, port: int, requests: int) -> int:
                 correct[response.model_version] += int(label == y_test[i % len(y_test)])
             elapsed = time.perf_counter() - start
             for version in sorted(answered):
-                print(f"   version {version}: {answered[version]} answers, "
-                      f"{correct[version] / answered[version]:.1%} correct")
+                print(
+                    f"   version {version}: {answered[version]} answers, "
+                    f"{correct[version] / answered[version]:.1%} correct"
+                )
             print(f"   {requests} sequential requests in {elapsed:.2f}s ({requests / elapsed:.0f}/s)")
             try:
                 _infer(stub, x_test[0][:5], "1", "demo-bad")

@@ -61,7 +61,7 @@ def _check_input(spec: TensorSpec, array: np.ndarray, declared: str, reject_non_
             f"inputs[{spec.name}].shape: {_shape_text(array.shape)} has rank {array.ndim}, "
             f"the model expects rank {len(spec.shape)} {_shape_text(spec.shape)}"
         )
-    for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
+    for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
         if want != -1 and got != want:
             raise InvalidArgument(
                 f"inputs[{spec.name}].shape: dimension {axis} is {got}, the model expects {want} "
@@ -125,7 +125,7 @@ class InferenceService:
         specs = version.model.outputs
         if request.outputs:
             wanted = set(request.outputs)
-            outputs = [(s, r) for s, r in zip(specs, results) if s.name in wanted]
+            outputs = [(s, r) for s, r in zip(specs, results, strict=True) if s.name in wanted]
         else:
-            outputs = list(zip(specs, results))
+            outputs = list(zip(specs, results, strict=True))
         return InferenceResponse(version.name, version.version, request.id, outputs)

@@ -86,7 +86,11 @@ class ModelVersion:
             self.state = "READY"
             log.info(
                 "model %s version %s ready (warm-up run %.0f us, %s execution, sha256 %s)",
-                self.name, self.version, self.warmup_us, "inline" if inline else "threaded", self.sha256[:12],
+                self.name,
+                self.version,
+                self.warmup_us,
+                "inline" if inline else "threaded",
+                self.sha256[:12],
             )
         except (ConfigError, tomllib.TOMLDecodeError, OSError) as e:
             self.state, self.reason = "FAILED", str(e)
@@ -107,9 +111,7 @@ class ModelRepository:
             raise ConfigError(f"model repository {root} is not a directory")
         self.models: dict[str, dict[str, ModelVersion]] = {}
         for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            versions = sorted(
-                (v.name for v in model_dir.iterdir() if (v / MODEL_FILE).is_file()), key=_version_key
-            )
+            versions = sorted((v.name for v in model_dir.iterdir() if (v / MODEL_FILE).is_file()), key=_version_key)
             if versions:
                 serving = config.serving(model_dir.name)
                 self.models[model_dir.name] = {

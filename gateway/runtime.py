@@ -50,7 +50,7 @@ class OnnxModel:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
-            return self._session.run(self.output_names, feeds)  # type: ignore[no-any-return]
+            return self._session.run(self.output_names, feeds)
         except Exception as e:
             raise ModelExecutionError(f"model execution failed: {e}") from e
 

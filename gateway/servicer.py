@@ -7,14 +7,15 @@ into gRPC status codes.
 from __future__ import annotations
 
 import logging
-from importlib.metadata import PackageNotFoundError, version as package_version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 
 import grpc
 
-from gateway.protocol import inference as pb
 from gateway.codec import decode_request, encode_response
 from gateway.errors import GatewayError
 from gateway.inference import InferenceService
+from gateway.protocol import inference as pb
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.runtime import TensorSpec
 
@@ -54,13 +55,19 @@ class InferenceServicer:
         self._service = service
         self._version = _server_version()
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._repository.ready)
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
         try:
             return pb.ModelReadyResponse(ready=self._repository.get(request.name, request.version).ready)
         except GatewayError as e:
@@ -89,7 +96,9 @@ class InferenceServicer:
             outputs=[_tensor_metadata(s) for s in version.model.outputs],
         )
 
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
         try:
             version = self._repository.get_ready(request.name, request.version)
         except GatewayError as e:
@@ -103,7 +112,11 @@ class InferenceServicer:
         try:
             if request.name:
                 versions = self._repository.versions_of(request.name)
-                chosen = [self._repository.get(request.name, request.version)] if request.version else list(versions.values())
+                chosen = (
+                    [self._repository.get(request.name, request.version)]
+                    if request.version
+                    else list(versions.values())
+                )
             else:
                 chosen = self._repository.all_versions()
         except GatewayError as e:
@@ -111,7 +124,9 @@ class InferenceServicer:
             return pb.ModelStatisticsResponse()
         return pb.ModelStatisticsResponse(model_stats=[_statistics(v) for v in chosen])
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
         try:
             response = await self._service.infer(decode_request(request))
         except GatewayError as e:
@@ -158,7 +173,10 @@ def _statistics(version: ModelVersion) -> pb.ModelStatistics:
         inference_stats=pb.InferStatistics(
             success=_duration(s.success.count, s.success.ns),
             fail=_duration(s.fail.count, s.fail.ns),
+            queue=_duration(s.queue.count, s.queue.ns),
+            compute_input=_duration(s.compute_input.count, s.compute_input.ns),
             compute_infer=_duration(s.compute_infer.count, s.compute_infer.ns),
+            compute_output=_duration(s.compute_output.count, s.compute_output.ns),
         ),
         batch_stats=[
             pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(d.count, d.ns))

@@ -26,14 +26,25 @@ class VersionStats:
         self.execution_count = 0  # onnxruntime runs
         self.success = Duration()
         self.fail = Duration()
+        # Per request, as Triton counts them (perf_analyzer requires equal counts): time queued
+        # in the batcher, merging inputs, the onnxruntime run of its batch, splitting outputs.
+        self.queue = Duration()
+        self.compute_input = Duration()
         self.compute_infer = Duration()
+        self.compute_output = Duration()
         self.batch_sizes: dict[int, Duration] = {}
+        self.batch_wait_timeouts = 0  # batches flushed because max_batch_wait_us passed
 
     def record_execution(self, rows: int, ns: int, ok: bool) -> None:
         self.execution_count += 1
         if ok:
-            self.compute_infer.add(ns)
             self.batch_sizes.setdefault(rows, Duration()).add(ns)
+
+    def record_compute(self, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        self.queue.add(queue_ns)
+        self.compute_input.add(input_ns)
+        self.compute_infer.add(infer_ns)
+        self.compute_output.add(output_ns)
 
     def record_request(self, rows: int, ns: int, ok: bool) -> None:
         if ok:

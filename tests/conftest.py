@@ -88,7 +88,11 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def gateway(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    config = "[models.mlp]\nreject_non_finite = true\nmax_batch_size = 8\n"
+    config = (
+        "[models.mlp]\nreject_non_finite = true\nmax_batch_size = 8\n"
+        '[models.wide_inline]\nexecution = "inline"\n'
+        '[models.wide_thread]\nexecution = "thread"\n'
+    )
     process = GatewayProcess(repository, config, tmp_path_factory.mktemp("config"))
     process.wait_ready()
     yield process

@@ -100,15 +100,20 @@ def gather_graph() -> onnx.GraphProto:
     )
 
 
-def heavy_graph(size: int = 1024) -> onnx.GraphProto:
-    """A square matmul slow enough (milliseconds) to keep requests in flight."""
-    w = numpy_helper.from_array(np.random.default_rng(1).standard_normal((size, size)).astype(np.float32), "w")
+def heavy_graph(width: int = 64, hidden: int = 2048) -> onnx.GraphProto:
+    """Small inputs, milliseconds of compute per batch: keeps many requests in flight cheaply."""
+    rng = np.random.default_rng(1)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) / 64, f"w{i}")
+        for i, shape in enumerate([(width, hidden), (hidden, hidden), (hidden, hidden), (hidden, width)])
+    ]
+    names = ["x", "h0", "h1", "h2", "y"]
     return helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("MatMul", ["a", "w"], ["y"])],
+        [helper.make_node("MatMul", [names[i], f"w{i}"], [names[i + 1]]) for i in range(4)],
         "heavy",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", size])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", size])],
-        [w],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        weights,
     )
 
 
@@ -131,6 +136,10 @@ def build_repository(repo: Path) -> Path:
     _save(repo, "two_outputs", "1", two_outputs_graph())
     _save(repo, "fixed", "1", fixed_shape_graph())
     _save(repo, "gather", "1", gather_graph())
+    # Memory-bound per row (the weights stream from RAM for every run), cheap per extra row: the
+    # case micro-batching is for. The gateway fixture runs one inline and one on a thread.
+    for name in ("wide_inline", "wide_thread"):
+        _save(repo, name, "1", heavy_graph())
     return repo
 
 

@@ -35,7 +35,9 @@ def _input(name: str, array: np.ndarray, datatype: str) -> triton.InferInput:
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("version", ["1", "2"])
-def test_mlp_matches_onnxruntime(client: triton.InferenceServerClient, repository: Path, batch: int, version: str) -> None:
+def test_mlp_matches_onnxruntime(
+    client: triton.InferenceServerClient, repository: Path, batch: int, version: str
+) -> None:
     x = np.random.default_rng(batch).standard_normal((batch, 32)).astype(np.float32)
     result = client.infer("mlp", [_input("input", x, "FP32")], model_version=version, request_id=f"r-{batch}")
     expected = _direct(repository, "mlp", version, {"input": x})[0]

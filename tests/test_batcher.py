@@ -1,0 +1,95 @@
+"""The micro-batcher's policy, in process, on a real onnxruntime session: no added wait for a
+lone caller; batches once concurrent callers show up; each caller gets exactly its rows."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import onnx
+import pytest
+from models import OPSET, mlp_graph
+from onnx import helper
+
+from gateway.batcher import PROBE_INTERVAL_S, MicroBatcher
+from gateway.runtime import OnnxModel
+from gateway.stats import VersionStats
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> OnnxModel:
+    path = tmp_path_factory.mktemp("batcher") / "mlp.onnx"
+    onnx.save(helper.make_model(mlp_graph(), opset_imports=OPSET, ir_version=8), str(path))
+    return OnnxModel(path, 1, 1)
+
+
+def _reference(model: OnnxModel, x: np.ndarray) -> np.ndarray:
+    return model.run({"input": x})[0]
+
+
+def test_a_lone_caller_never_waits_after_the_probe(model: OnnxModel) -> None:
+    stats = VersionStats()
+    batcher = MicroBatcher(model, stats, max_batch_size=64, max_batch_wait_us=50_000, inline=True)
+
+    async def sequential() -> None:
+        for i in range(200):
+            x = np.full((1, 32), i, dtype=np.float32)
+            np.testing.assert_array_equal((await batcher.run({"input": x}, 1))[0], _reference(model, x))
+
+    start = time.monotonic()
+    asyncio.run(sequential())
+    probes_allowed = 1 + int((time.monotonic() - start) / PROBE_INTERVAL_S)
+    assert stats.execution_count == 200
+    assert set(stats.batch_sizes) == {1}
+    assert stats.batch_wait_timeouts <= probes_allowed  # only probes waited; every other request ran at once
+
+
+def test_concurrent_callers_are_batched_and_get_their_own_rows(model: OnnxModel) -> None:
+    stats = VersionStats()
+    batcher = MicroBatcher(model, stats, max_batch_size=64, max_batch_wait_us=2000, inline=True)
+    rng = np.random.default_rng(3)
+
+    async def caller(index: int) -> None:
+        for _ in range(50):
+            rows = int(rng.integers(1, 4))
+            x = rng.standard_normal((rows, 32)).astype(np.float32) + index
+            out = (await batcher.run({"input": x}, rows))[0]
+            assert out.shape == (rows, 16)
+            np.testing.assert_allclose(out, _reference(model, x), rtol=1e-5, atol=1e-5)
+            await asyncio.sleep(0)  # the next request arrives on a later loop turn, as gRPC delivers them
+
+    async def main() -> None:
+        await asyncio.gather(*(caller(i) for i in range(16)))
+
+    asyncio.run(main())
+    requests = 16 * 50
+    assert stats.execution_count < requests / 4, stats.batch_sizes
+    assert max(stats.batch_sizes) > 8
+
+
+def _burst(model: OnnxModel, batcher: MicroBatcher, count: int) -> None:
+    """`count` one-row requests submitted at once; each must get its own row back."""
+
+    async def main() -> None:
+        xs = [np.full((1, 32), i, dtype=np.float32) for i in range(count)]
+        outs = await asyncio.gather(*(batcher.run({"input": x}, 1) for x in xs))
+        for x, out in zip(xs, outs, strict=True):
+            np.testing.assert_allclose(out[0], _reference(model, x), rtol=1e-5, atol=1e-5)
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.close()
+
+
+def test_the_row_limit_splits_batches(model: OnnxModel) -> None:
+    stats = VersionStats()
+    _burst(model, MicroBatcher(model, stats, max_batch_size=4, max_batch_wait_us=2000, inline=True), 40)
+    assert max(stats.batch_sizes) <= 4
+
+
+def test_threaded_batcher_batches_while_busy(model: OnnxModel) -> None:
+    stats = VersionStats()
+    _burst(model, MicroBatcher(model, stats, max_batch_size=64, max_batch_wait_us=0, inline=False), 64)
+    assert stats.execution_count < 64

@@ -1,0 +1,91 @@
+"""Configuration: one TOML file, typed, unknown keys refused by name, flags override the file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway import config
+from gateway.errors import ConfigError
+
+
+def test_defaults_without_a_file() -> None:
+    c = config.load(None)
+    assert (c.server.host, c.server.port) == ("127.0.0.1", 8001)
+    assert c.serving("anything") == c.model_defaults
+
+
+def test_model_sections_inherit_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text('[model_defaults]\nmax_batch_wait_us = 250\n[models.credit]\nexecution = "thread"\n')
+    c = config.load(path)
+    assert c.serving("credit").execution == "thread"
+    assert c.serving("credit").max_batch_wait_us == 250
+    assert c.serving("other").execution == "auto"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nprot = 1\n", "unknown configuration key server.prot"),
+        ("[sever]\nport = 1\n", "unknown key sever"),
+        ('[server]\nport = "8001"\n', "server.port: expected int, got str '8001'"),
+        ("[server]\nport = true\n", "server.port: expected int, got bool"),
+        (
+            '[models.credit]\nexecution = "gpu"\n',
+            "models.credit.execution: 'gpu' is not one of 'auto', 'inline', 'thread'",
+        ),
+        ("[models.credit]\nmax_batch_sise = 3\n", "unknown configuration key models.credit.max_batch_sise"),
+        ("server = 3\n", "server: expected a table, got int"),
+        ("[server\n", "config file"),
+    ],
+)
+def test_bad_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        config.load(path)
+    assert message in str(error.value)
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text('[server]\nport = 9000\nhost = "0.0.0.0"\n[repository]\npath = "a"\n')
+    c = config.with_overrides(config.load(path), host=None, port=7000, repository_path="b")
+    assert (c.server.host, c.server.port, c.repository.path) == ("0.0.0.0", 7000, "b")
+
+
+def test_cli_reports_config_errors_with_exit_code_2(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text("[server]\nbogus = 1\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "unknown configuration key server.bogus" in result.stderr
+
+
+def test_unknown_model_section_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "models" / "credit" / "1").mkdir(parents=True)
+    path = tmp_path / "g.toml"
+    path.write_text("[models.credti]\nmax_batch_size = 4\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--config",
+            str(path),
+            "--model-repository",
+            str(tmp_path / "models"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "models.credti: no such model" in result.stderr
