@@ -8,6 +8,7 @@ import sys
 
 from gateway import config as config_module
 from gateway.errors import ConfigError
+from gateway.requestlog import commands as log_commands
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -18,7 +19,9 @@ def _serve(args: argparse.Namespace) -> int:
         config_module.load(args.config),
         host=args.host,
         port=args.port,
+        state_dir=args.state_dir,
         repository_path=args.model_repository,
+        log_dir=args.log_dir,
     )
     logging.basicConfig(level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     eventloop.run(serve(config), use_uvloop=not args.asyncio_loop)
@@ -28,7 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    return run_demo(args.directory, args.port, args.requests)
+    return run_demo(args.directory, args.port, args.requests, args.state_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-repository", help="directory of <model>/<version>/model.onnx")
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8001; 0 picks a free port)")
+    serve.add_argument("--state-dir", help="where the gateway keeps its state (default ./gateway-state)")
+    serve.add_argument("--log-dir", help="the request log directory (default <state-dir>/log)")
     serve.add_argument("--asyncio-loop", action="store_true", help="use asyncio's event loop instead of uvloop")
     serve.set_defaults(func=_serve)
 
@@ -47,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--directory", default="demo-models", help="where to write the demo repository")
     demo.add_argument("--port", type=int, default=8001)
     demo.add_argument("--requests", type=int, default=200)
+    demo.add_argument("--state-dir", default="gateway-state", help="the gateway's state (request log) directory")
     demo.set_defaults(func=_demo)
+
+    log_commands.add_parser(commands)
     return parser
 
 

@@ -105,6 +105,7 @@ def encode_response(response: InferenceResponse) -> pb.ModelInferResponse:
     message = pb.ModelInferResponse(
         model_name=response.model_name, model_version=response.model_version, id=response.id
     )
+    message.parameters["request_id"].string_param = response.request_id
     outputs = message.outputs
     raw = message.raw_output_contents
     for spec, array in response.outputs:

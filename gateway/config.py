@@ -7,6 +7,7 @@ so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -48,14 +49,35 @@ class ModelServingConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """The request log (see README, "Request log")."""
+
+    enabled: bool = True  # false only when CANARY_GATEWAY_BENCHMARK=1: a gateway never answers unlogged
+    dir: str = ""  # default: <server.state_dir>/log
+    sync: Literal["process", "fsync"] = "process"
+    writer: Literal["auto", "inline", "thread"] = "auto"
+    max_pending: int = 10_000
+    segment_max_bytes: int = 256 * 1024 * 1024
+    segment_max_age_s: float = 3600.0
+    retention_max_bytes: int = 0  # 0: keep everything
+    retention_max_age_s: float = 0.0
+    fault_commit_delay_ms: float = 0.0  # fault injection for tests: slow every commit down
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     repository: RepositoryConfig = field(default_factory=RepositoryConfig)
     model_defaults: ModelServingConfig = field(default_factory=ModelServingConfig)
     models: dict[str, ModelServingConfig] = field(default_factory=dict)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def serving(self, model: str) -> ModelServingConfig:
         return self.models.get(model, self.model_defaults)
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.log.dir) if self.log.dir else Path(self.server.state_dir) / "log"
 
 
 def _check_value(path: str, value: Any, annotation: Any) -> Any:
@@ -95,8 +117,13 @@ def _build(cls: type, data: Any, path: str, base: Any = None) -> Any:
     return dataclasses.replace(base, **values) if base is not None else cls(**values)
 
 
+BENCHMARK_ENV = "CANARY_GATEWAY_BENCHMARK"
+
+
 def from_dict(data: dict[str, Any]) -> GatewayConfig:
     config: GatewayConfig = _build(GatewayConfig, data, "")
+    if not config.log.enabled and os.environ.get(BENCHMARK_ENV) != "1":
+        raise ConfigError(f"log.enabled = false is for benchmarks only (set {BENCHMARK_ENV}=1)")
     models_table = data.get("models", {})
     if not isinstance(models_table, dict):
         raise ConfigError("models: expected a table of [models.NAME] sections")
@@ -120,16 +147,18 @@ def load(path: str | Path | None) -> GatewayConfig:
     return from_dict(data)
 
 
-def with_overrides(config: GatewayConfig, **server_or_repository: Any) -> GatewayConfig:
-    """Apply command-line flags (None means not given) on top of the file."""
-    server = {k: v for k, v in server_or_repository.items() if v is not None and k in ServerConfig.__dataclass_fields__}
-    repo = {
-        k.removeprefix("repository_"): v
-        for k, v in server_or_repository.items()
-        if v is not None and k.startswith("repository_")
-    }
+def with_overrides(config: GatewayConfig, **flags: Any) -> GatewayConfig:
+    """Apply command-line flags on top of the file: `port=1` sets server.port, `repository_path=x`
+    sets repository.path, `log_dir=x` sets log.dir; None means the flag was not given."""
+    sections: dict[str, dict[str, Any]] = {"server": {}, "repository": {}, "log": {}}
+    for name, value in flags.items():
+        if value is None:
+            continue
+        section, _, key = name.partition("_") if name.startswith(("repository_", "log_")) else ("server", "", name)
+        sections[section][key] = value
     return dataclasses.replace(
         config,
-        server=dataclasses.replace(config.server, **server),
-        repository=dataclasses.replace(config.repository, **repo),
+        server=dataclasses.replace(config.server, **sections["server"]),
+        repository=dataclasses.replace(config.repository, **sections["repository"]),
+        log=dataclasses.replace(config.log, **sections["log"]),
     )

@@ -82,15 +82,14 @@ def _infer(stub: Stub, row: np.ndarray, version: str, request_id: str) -> pb.Mod
     return response
 
 
-def run_demo(directory: str, port: int, requests: int) -> int:
+def run_demo(directory: str, port: int, requests: int, state_dir: str) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # interleave with the server log
     print(f"1. building the demo model repository in {directory}/")
     x_test, y_test = build_demo_repository(directory)
-    print(f"2. starting the gateway: canary-gateway serve --model-repository {directory} --port {port}")
+    serve = ["serve", "--model-repository", directory, "--port", str(port), "--state-dir", state_dir]
+    print(f"2. starting the gateway: canary-gateway {' '.join(serve)}")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--model-repository", directory, "--port", str(port)], env=env
-    )
+    process = subprocess.Popen([sys.executable, "-m", "gateway", *serve], env=env)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = Stub(channel)
@@ -126,4 +125,5 @@ def run_demo(directory: str, port: int, requests: int) -> int:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=30)
     print(f"   gateway exited with code {code}")
+    print(f"7. every request is in the request log: canary-gateway log --state-dir {state_dir} get demo-0")
     return code

@@ -6,12 +6,18 @@ validation against the model's signature and all execution happens here.
 
 from __future__ import annotations
 
+import itertools
+import os
+import secrets
 import time
 
+import grpc
 import numpy as np
 
-from gateway.errors import InvalidArgument
+from gateway.errors import GatewayError, InvalidArgument
 from gateway.repository import ModelRepository, ModelVersion
+from gateway.requestlog.record import Record, Tensor
+from gateway.requestlog.writer import LogWriter
 from gateway.runtime import TensorSpec
 
 
@@ -36,15 +42,32 @@ class InferenceRequest:
 
 
 class InferenceResponse:
-    __slots__ = ("model_name", "model_version", "id", "outputs")
+    __slots__ = ("model_name", "model_version", "id", "request_id", "outputs")
 
     def __init__(
-        self, model_name: str, model_version: str, id: str, outputs: list[tuple[TensorSpec, np.ndarray]]
+        self,
+        model_name: str,
+        model_version: str,
+        id: str,
+        request_id: str,
+        outputs: list[tuple[TensorSpec, np.ndarray]],
     ) -> None:
         self.model_name = model_name
         self.model_version = model_version
-        self.id = id
+        self.id = id  # the client's id, echoed
+        self.request_id = request_id  # the log's id: the client's id, or one generated for it
         self.outputs = outputs
+
+
+class RequestIds:
+    """Ids for requests that arrive without one: unique across processes and restarts, and cheap."""
+
+    def __init__(self) -> None:
+        self._prefix = f"{os.getpid():x}-{secrets.token_hex(4)}-"
+        self._next = itertools.count(1).__next__
+
+    def next(self) -> str:
+        return f"{self._prefix}{self._next():x}"
 
 
 def _shape_text(shape: tuple[int, ...] | list[int]) -> str:
@@ -71,11 +94,21 @@ def _check_input(spec: TensorSpec, array: np.ndarray, declared: str, reject_non_
         raise InvalidArgument(f"inputs[{spec.name}]: contains NaN or Inf, which model policy rejects")
 
 
-class InferenceService:
-    """Validates a request against the chosen version's signature and runs it."""
+def _status(error: GatewayError) -> int:
+    return int(error.code.value[0])
 
-    def __init__(self, repository: ModelRepository) -> None:
+
+OK = int(grpc.StatusCode.OK.value[0])
+
+
+class InferenceService:
+    """Validates a request against the chosen version's signature, runs it, and logs it: the
+    answer (or the error) is returned only after its log record is committed."""
+
+    def __init__(self, repository: ModelRepository, request_log: LogWriter | None) -> None:
         self.repository = repository
+        self._log = request_log
+        self._ids = RequestIds()
 
     def _validate(self, version: ModelVersion, request: InferenceRequest) -> int:
         """Check inputs and outputs; return the batch size (rows) of the request."""
@@ -110,16 +143,27 @@ class InferenceService:
         return rows
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
-        version = self.repository.get_ready(request.model_name, request.model_version)
+        if self._log is not None:
+            self._log.admit()
+        ts_ns = time.time_ns()
         start = time.perf_counter_ns()
+        request_id = request.id or self._ids.next()
+        record = Record(request_id, ts_ns, request.model_name, request.model_version)
+        record.inputs = [Tensor.of(name, request.datatypes[name], a) for name, a in request.inputs.items()]
         rows = 0
+        version: ModelVersion | None = None
         try:
+            version = self.repository.get_ready(request.model_name, request.model_version)
+            record.version, record.sha256 = version.version, version.sha256
             rows = self._validate(version, request)
             assert version.batcher is not None and version.model is not None
             feeds = {spec.name: request.inputs[spec.name] for spec in version.model.inputs}
             results = await version.batcher.run(feeds, rows)
-        except BaseException:
-            version.stats.record_request(rows, time.perf_counter_ns() - start, ok=False)
+        except GatewayError as error:
+            if version is not None:
+                version.stats.record_request(rows, time.perf_counter_ns() - start, ok=False)
+            record.status, record.message = _status(error), error.message
+            await self._commit(record, start)
             raise
         version.stats.record_request(rows, time.perf_counter_ns() - start, ok=True)
         specs = version.model.outputs
@@ -128,4 +172,21 @@ class InferenceService:
             outputs = [(s, r) for s, r in zip(specs, results, strict=True) if s.name in wanted]
         else:
             outputs = list(zip(specs, results, strict=True))
-        return InferenceResponse(version.name, version.version, request.id, outputs)
+        record.outputs = [Tensor.of(spec.name, spec.dtype.v2_name, array) for spec, array in outputs]
+        await self._commit(record, start)
+        return InferenceResponse(version.name, version.version, request.id, request_id, outputs)
+
+    async def reject_undecodable(
+        self, model_name: str, model_version: str, client_id: str, error: GatewayError, raw_request: bytes
+    ) -> str:
+        """Log a request that could not be decoded, keeping its bytes; return its request id."""
+        request_id = client_id or self._ids.next()
+        record = Record(request_id, time.time_ns(), model_name, model_version, status=_status(error))
+        record.message, record.raw_request = error.message, raw_request
+        await self._commit(record, time.perf_counter_ns())
+        return request_id
+
+    async def _commit(self, record: Record, start_ns: int) -> None:
+        record.latency_ns = time.perf_counter_ns() - start_ns
+        if self._log is not None:
+            await self._log.append(record)

@@ -20,6 +20,7 @@ from gateway import protocol
 from gateway.config import GatewayConfig
 from gateway.inference import InferenceService
 from gateway.repository import ModelRepository
+from gateway.requestlog.writer import LogWriter
 from gateway.servicer import InferenceServicer
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.repository = ModelRepository(config)
-        self.service = InferenceService(self.repository)
+        self.request_log = LogWriter(config.log_dir, config.log) if config.log.enabled else None
+        self.service = InferenceService(self.repository, self.request_log)
         limit = config.server.max_message_bytes
         self.server = grpc.aio.server(
             options=[
@@ -64,6 +66,8 @@ class Gateway:
         await self._set_serving(False)
         await self.server.start()
         log.info("listening on %s:%d", self.config.server.host, self.port)
+        if self.request_log is not None:
+            log.info("request log in %s (sync=%s)", self.config.log_dir, self.config.log.sync)
         loading = asyncio.create_task(asyncio.to_thread(self.repository.load_all))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -77,6 +81,8 @@ class Gateway:
         await self.server.stop(self.config.server.grace_period_s)
         if not loading.done():
             await loading  # let warm-up finish so its thread does not outlive the sessions
+        if self.request_log is not None:
+            await self.request_log.close()
         self.repository.close()
         log.info("stopped")
 

@@ -128,11 +128,27 @@ class InferenceServicer:
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         try:
-            response = await self._service.infer(decode_request(request))
+            decoded = decode_request(request)
+        except GatewayError as e:
+            return await self._reject_undecodable(request, context, e)
+        try:
+            response = await self._service.infer(decoded)
         except GatewayError as e:
             _reject(context, "ModelInfer", e)
             return pb.ModelInferResponse()
         return encode_response(response)
+
+    async def _reject_undecodable(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, error: GatewayError
+    ) -> pb.ModelInferResponse:
+        try:
+            await self._service.reject_undecodable(
+                request.model_name, request.model_version, request.id, error, request.SerializeToString()
+            )
+        except GatewayError as log_error:  # the log could not take the record: say so instead
+            error = log_error
+        _reject(context, "ModelInfer", error)
+        return pb.ModelInferResponse()
 
 
 def _model_config(version: ModelVersion) -> pb.ModelConfig:

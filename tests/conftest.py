@@ -28,10 +28,11 @@ LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
 class GatewayProcess:
     """`canary-gateway serve` in a child process; its log is collected for assertions."""
 
-    def __init__(self, repository: Path, config: str | None = None, tmp: Path | None = None) -> None:
+    def __init__(self, repository: Path, config: str | None, tmp: Path) -> None:
+        self.state_dir = tmp / "state"
         args = [sys.executable, "-m", "gateway", "serve", "--model-repository", str(repository), "--port", "0"]
+        args += ["--state-dir", str(self.state_dir)]
         if config is not None:
-            assert tmp is not None
             config_path = tmp / "gateway.toml"
             config_path.write_text(config)
             args += ["--config", str(config_path)]

@@ -16,7 +16,7 @@ def _free_port() -> int:
 
 def test_demo_serves_two_versions_and_refuses_bad_input(tmp_path: Path) -> None:
     args = [sys.executable, "-m", "gateway", "demo", "--directory", str(tmp_path / "models")]
-    args += ["--port", str(_free_port()), "--requests", "30"]
+    args += ["--port", str(_free_port()), "--requests", "30", "--state-dir", str(tmp_path / "state")]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "version 1: 10 answers" in result.stdout
@@ -24,3 +24,11 @@ def test_demo_serves_two_versions_and_refuses_bad_input(tmp_path: Path) -> None:
     assert "INVALID_ARGUMENT: inputs[X].shape: dimension 1 is 5, the model expects 30" in result.stdout
     assert "gateway exited with code 0" in result.stdout
     assert (tmp_path / "models/breast_cancer/2/model.toml").read_text().startswith("[provenance]")
+    logged = subprocess.run(
+        [sys.executable, "-m", "gateway", "log", "--state-dir", str(tmp_path / "state"), "get", "demo-7"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert logged.returncode == 0, logged.stderr
+    assert "demo-7" in logged.stdout and "breast_cancer:2" in logged.stdout

@@ -1,0 +1,146 @@
+"""Reading the log while the gateway writes it: get by id, query by fields and time, tail.
+
+Readers open segments read-only in their own read transactions, so they never block the writer
+and can run from another process. A damaged segment is reported with its path and skipped; a
+record that fails to decode is reported with its segment and key, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+
+from gateway.requestlog.record import KEY, Record, RecordFormatError, decode, id_key, key_time_ns
+from gateway.requestlog.segments import Segment, list_segments, segment_start_ns
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Problem:
+    """Something a reader could not read: a whole segment (key None) or one record."""
+
+    path: Path
+    key: bytes | None
+    error: str
+
+    def __str__(self) -> str:
+        where = f"{self.path} record {self.key.hex()}" if self.key is not None else str(self.path)
+        return f"{where}: {self.error}"
+
+
+@dataclass(frozen=True)
+class Query:
+    model: str | None = None
+    version: str | None = None
+    role: str | None = None
+    status: int | None = None
+    ood: bool | None = None
+    since_ns: int | None = None
+    until_ns: int | None = None
+
+    def matches(self, r: Record) -> bool:
+        return (
+            (self.model is None or r.model == self.model)
+            and (self.version is None or r.version == self.version)
+            and (self.role is None or r.role == self.role)
+            and (self.status is None or r.status == self.status)
+            and (self.ood is None or bool(r.ood) == self.ood)
+            and (self.since_ns is None or r.ts_ns >= self.since_ns)
+            and (self.until_ns is None or r.ts_ns <= self.until_ns)
+        )
+
+
+@dataclass
+class LogReader:
+    log_dir: Path
+    problems: list[Problem] = field(default_factory=list)
+
+    def _segments(self, newest_first: bool = False) -> Iterator[Segment]:
+        paths = list_segments(self.log_dir)
+        for path in reversed(paths) if newest_first else paths:
+            try:
+                segment = Segment.open(path, 0, readonly=True)
+            except lmdb.Error as e:
+                self._report(Problem(path, None, f"damaged segment skipped: {e}"))
+                continue
+            try:
+                yield segment
+            finally:
+                segment.close()
+
+    def _report(self, problem: Problem) -> None:
+        log.warning("request log: %s", problem)
+        self.problems.append(problem)
+
+    def _decode(self, segment: Segment, key: bytes, value: bytes) -> Record | None:
+        try:
+            return decode(value)
+        except RecordFormatError as e:
+            self._report(Problem(segment.path, key, str(e)))
+            return None
+
+    def get(self, request_id: str) -> list[Record]:
+        """The request's record and its shadows' records, oldest first."""
+        found: list[Record] = []
+        wanted = id_key(request_id)
+        for segment in self._segments(newest_first=True):
+            with segment.env.begin(db=segment.ids) as txn:
+                cursor = txn.cursor()
+                if not cursor.set_key(wanted):
+                    continue
+                for key in cursor.iternext_dup():
+                    value = txn.get(key, db=segment.records)
+                    record = self._decode(segment, key, value) if value is not None else None
+                    if record is not None:
+                        found.append(record)
+        return sorted(found, key=lambda r: (r.ts_ns, r.role != "primary"))
+
+    def query(self, query: Query = Query()) -> Iterator[Record]:
+        """Matching records in time order; whole segments outside the time range are skipped."""
+        paths = list_segments(self.log_dir)
+        for segment in self._segments():
+            later = [p for p in paths if p > segment.path]
+            if query.since_ns is not None and later and segment_start_ns(later[0]) < query.since_ns:
+                continue  # every record here is older than `since` (keys are arrival times, ~ordered)
+            if query.until_ns is not None and segment_start_ns(segment.path) > query.until_ns:
+                break
+            with segment.env.begin(db=segment.records) as txn:
+                cursor = txn.cursor()
+                positioned = cursor.set_range(KEY.pack(query.since_ns, 0, 0)) if query.since_ns else cursor.first()
+                if not positioned:
+                    continue
+                for key, value in cursor:
+                    if query.until_ns is not None and key_time_ns(key) > query.until_ns:
+                        break
+                    record = self._decode(segment, key, value)
+                    if record is not None and query.matches(record):
+                        yield record
+
+    def tail(self, count: int) -> list[Record]:
+        """The newest `count` records, oldest first."""
+        newest: list[Record] = []
+        for segment in self._segments(newest_first=True):
+            with segment.env.begin(db=segment.records) as txn:
+                cursor = txn.cursor()
+                if not cursor.last():
+                    continue
+                for key, value in cursor.iterprev():
+                    record = self._decode(segment, key, value)
+                    if record is not None:
+                        newest.append(record)
+                    if len(newest) >= count:
+                        return newest[::-1]
+        return newest[::-1]
+
+    def count(self) -> int:
+        """Records in all readable segments (for progress reports)."""
+        total = 0
+        for segment in self._segments():
+            with segment.env.begin() as txn:
+                total += int(txn.stat(segment.records)["entries"])
+        return total

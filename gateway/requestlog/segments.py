@@ -1,0 +1,95 @@
+"""Log segments: a directory of LMDB environments, one per time slice, oldest first.
+
+Each segment holds two databases: `records` (time-ordered key → msgpack record) and `by_id`
+(request id → record keys, duplicates sorted). Rotation starts a new segment when the current one
+reaches its size or age limit, or when its map is full; retention deletes only whole segments.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+log = logging.getLogger(__name__)
+
+PREFIX = "seg-"
+RECORDS_DB = b"records"
+IDS_DB = b"by_id"
+
+
+def segment_name(start_ns: int) -> str:
+    return f"{PREFIX}{start_ns:020d}"
+
+
+def segment_start_ns(path: Path) -> int:
+    return int(path.name[len(PREFIX) :])
+
+
+def list_segments(log_dir: Path) -> list[Path]:
+    """Segment directories, oldest first."""
+    if not log_dir.is_dir():
+        return []
+    return sorted(p for p in log_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[4:].isdigit())
+
+
+def segment_bytes(path: Path) -> int:
+    """Disk space a segment uses: allocated blocks, since LMDB's map file is sparse."""
+    return sum(f.stat().st_blocks * 512 for f in path.iterdir() if f.is_file())
+
+
+@dataclass
+class Segment:
+    path: Path
+    env: lmdb.Environment
+    records: lmdb._Database
+    ids: lmdb._Database
+
+    @classmethod
+    def open(cls, path: Path, map_size: int, readonly: bool = False, durable: bool = False) -> Segment:
+        """Open (or create, for the writer) one segment. `durable` fsyncs every commit."""
+        if readonly:
+            env = lmdb.open(str(path), readonly=True, lock=True, max_dbs=2, create=False)
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            env = lmdb.open(
+                str(path), map_size=map_size, max_dbs=2, sync=durable, metasync=durable, writemap=True, max_readers=256
+            )
+        try:
+            records = env.open_db(RECORDS_DB, create=not readonly)
+            ids = env.open_db(IDS_DB, dupsort=True, create=not readonly)
+        except lmdb.Error:
+            env.close()
+            raise
+        return cls(path, env, records, ids)
+
+    def used_bytes(self) -> int:
+        info = self.env.info()
+        return int((info["last_pgno"] + 1) * self.env.stat()["psize"])
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def apply_retention(log_dir: Path, keep: Path, max_bytes: int, max_age_s: float) -> list[Path]:
+    """Delete whole segments, oldest first, beyond the byte or age limit; never `keep` (the live one)."""
+    segments = [p for p in list_segments(log_dir) if p != keep]
+    deleted = []
+    now = time.time_ns()
+    total = sum(segment_bytes(p) for p in segments) + (segment_bytes(keep) if keep.exists() else 0)
+    for i, path in enumerate(segments):
+        # A segment's records end where the next segment starts.
+        end_ns = segment_start_ns(segments[i + 1]) if i + 1 < len(segments) else segment_start_ns(keep)
+        too_old = max_age_s > 0 and (now - end_ns) / 1e9 > max_age_s
+        too_big = max_bytes > 0 and total > max_bytes
+        if not (too_old or too_big):
+            break
+        total -= segment_bytes(path)
+        shutil.rmtree(path, ignore_errors=True)
+        deleted.append(path)
+        log.info("request log retention deleted %s", path)
+    return deleted

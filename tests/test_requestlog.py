@@ -1,0 +1,314 @@
+"""The request log: one record per request, committed before the answer, surviving kill -9,
+rotating and expiring whole segments, pushing back when it cannot keep up, exportable."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import GatewayProcess
+
+from gateway.config import LogConfig
+from gateway.protocol import Stub
+from gateway.protocol import inference as pb
+from gateway.requestlog.reader import LogReader, Query
+from gateway.requestlog.record import Record, Tensor, decode, encode
+from gateway.requestlog.segments import list_segments
+from gateway.requestlog.writer import LogWriter
+
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
+
+
+def _mlp_request(request_id: str, x: np.ndarray, version: str = "1") -> object:
+    request = pb.ModelInferRequest(model_name="mlp", model_version=version, id=request_id)
+    request.inputs.add(name="input", datatype="FP32", shape=x.shape)
+    request.raw_input_contents.append(x.tobytes())
+    return request
+
+
+def test_every_request_of_a_mixed_run_has_exactly_one_record(gateway: GatewayProcess, stub: Stub) -> None:
+    x = np.arange(64, dtype=np.float32).reshape(2, 32)
+    ok = stub.ModelInfer(_mlp_request("mixed-ok", x))
+    assert ok.parameters["request_id"].string_param == "mixed-ok"
+    undecodable = _mlp_request("mixed-bytes", x)
+    undecodable.raw_input_contents[0] = b"\0" * 5  # type: ignore[attr-defined]
+    invalid = _mlp_request("mixed-shape", np.zeros((1, 31), dtype=np.float32))
+    missing = pb.ModelInferRequest(model_name="nope", id="mixed-model")
+    missing.inputs.add(name="input", datatype="FP32", shape=[1, 1])
+    missing.raw_input_contents.append(b"\0" * 4)
+    for request in (undecodable, invalid, missing):
+        with pytest.raises(grpc.RpcError):
+            stub.ModelInfer(request)
+    anonymous = stub.ModelInfer(_mlp_request("", x))
+    generated_id = anonymous.parameters["request_id"].string_param
+    assert generated_id
+
+    reader = LogReader(gateway.state_dir / "log")
+    [record] = reader.get("mixed-ok")
+    assert (record.model, record.version, record.role, record.status) == ("mlp", "1", "primary", 0)
+    assert record.inputs[0].name == "input" and record.inputs[0].shape == [2, 32]
+    np.testing.assert_array_equal(record.inputs[0].to_numpy(np.dtype(np.float32)), x)
+    out = np.frombuffer(ok.raw_output_contents[0], dtype=np.float32).reshape(2, 16)
+    np.testing.assert_array_equal(record.outputs[0].to_numpy(np.dtype(np.float32)), out)
+    assert len(record.sha256) == 64 and record.latency_ns > 0
+
+    [record] = reader.get("mixed-bytes")
+    assert record.status == INVALID_ARGUMENT and "raw_input_contents has 5 bytes" in record.message
+    assert record.raw_request is not None  # what could not be decoded is kept, not lost
+    assert pb.ModelInferRequest.FromString(record.raw_request).id == "mixed-bytes"
+    [record] = reader.get("mixed-shape")
+    assert record.status == INVALID_ARGUMENT and record.inputs[0].shape == [1, 31]
+    [record] = reader.get("mixed-model")
+    assert record.status == NOT_FOUND and record.model == "nope"
+    assert len(reader.get(generated_id)) == 1
+    assert reader.problems == []
+
+
+def test_log_cli_reads_the_running_gateways_log(gateway: GatewayProcess, stub: Stub) -> None:
+    since = str(time.time_ns())
+    stub.ModelInfer(_mlp_request("cli-1", np.ones((1, 32), dtype=np.float32)))
+    base = [sys.executable, "-m", "gateway", "log", "--state-dir", str(gateway.state_dir)]
+    got = subprocess.run([*base, "get", "cli-1", "--json"], capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout)["id"] == "cli-1"
+    queried = subprocess.run(
+        [*base, "query", "--model", "mlp", "--status", "OK", "--since", since, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    ids = [json.loads(line)["id"] for line in queried.stdout.splitlines()]
+    assert "cli-1" in ids
+    missing = subprocess.run([*base, "get", "no-such-id"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "no record for request id 'no-such-id'" in missing.stderr
+
+
+async def _hammer(address: str, prefix: str, seconds: float, received: list[str]) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = Stub(channel)
+
+        async def worker(w: int) -> None:
+            i = 0
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                request_id = f"{prefix}-{w}-{i}"
+                i += 1
+                try:
+                    await stub.ModelInfer(_mlp_request(request_id, np.full((1, 32), i, dtype=np.float32)))
+                except grpc.aio.AioRpcError:
+                    return  # the server died under us
+                received.append(request_id)
+
+        await asyncio.gather(*(worker(w) for w in range(8)))
+
+
+def test_kill_9_loses_no_answered_request(repository: Path, tmp_path: Path) -> None:
+    gateway = GatewayProcess(repository, None, tmp_path)
+    gateway.wait_ready()
+    received: list[str] = []
+
+    async def run() -> None:
+        load = asyncio.ensure_future(_hammer(gateway.address, "crash", 10.0, received))
+        await asyncio.sleep(1.5)
+        os.kill(gateway.process.pid, signal.SIGKILL)
+        await load
+
+    asyncio.run(run())
+    gateway.process.wait(10)
+    assert len(received) > 50
+    reader = LogReader(gateway.state_dir / "log")
+    logged = {r.id for r in reader.query(Query(model="mlp"))}
+    missing = [r for r in received if r not in logged]
+    assert missing == [], f"{len(missing)} answered requests have no record, e.g. {missing[:3]}"
+
+
+def test_backpressure_refuses_rather_than_answering_unlogged(repository: Path, tmp_path: Path) -> None:
+    config = '[log]\nsync = "fsync"\nmax_pending = 2\nfault_commit_delay_ms = 50\n'
+    gateway = GatewayProcess(repository, config, tmp_path)
+    gateway.wait_ready()
+
+    async def burst() -> list[object]:
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = Stub(channel)
+            x = np.ones((1, 32), dtype=np.float32)
+            calls = [stub.ModelInfer(_mlp_request(f"bp-{i}", x)) for i in range(40)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    try:
+        results = asyncio.run(burst())
+    finally:
+        assert gateway.stop() == 0
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    answered = [r for r in results if not isinstance(r, BaseException)]
+    assert refused and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+    assert "log.max_pending" in refused[0].details()
+    assert answered
+    reader = LogReader(gateway.state_dir / "log")
+    for response in answered:
+        assert len(reader.get(response.id)) == 1  # type: ignore[attr-defined]
+
+
+def _records(count: int, start: int = 0, payload: int = 256) -> list[Record]:
+    return [
+        Record(f"r{i}", time.time_ns(), "m", "1", inputs=[Tensor("x", "UINT8", [payload], bytes([i % 256]) * payload)])
+        for i in range(start, start + count)
+    ]
+
+
+async def _write(writer: LogWriter, records: list[Record], chunk: int = 50) -> None:
+    for i in range(0, len(records), chunk):
+        await asyncio.gather(*(writer.append(r) for r in records[i : i + chunk]))
+
+
+def test_rotation_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    config = LogConfig(segment_max_bytes=256 * 1024)
+    records = _records(3000, payload=512)
+
+    async def run() -> None:
+        writer = LogWriter(tmp_path, config)
+        await _write(writer, records)
+        await writer.close()
+
+    asyncio.run(run())
+    assert len(list_segments(tmp_path)) >= 3
+    ids = [r.id for r in LogReader(tmp_path).query()]
+    assert sorted(ids) == sorted(r.id for r in records)
+    assert LogReader(tmp_path).get("r2999")[0].inputs[0].data == bytes([2999 % 256]) * 512
+
+
+def test_a_full_map_rotates_instead_of_failing(tmp_path: Path) -> None:
+    # Records far larger than the segment limit: the map fills mid-transaction and must rotate.
+    config = LogConfig(segment_max_bytes=512 * 1024)
+    records = _records(40, payload=200 * 1024)
+
+    async def run() -> None:
+        writer = LogWriter(tmp_path, config)
+        await _write(writer, records, chunk=10)
+        await writer.close()
+
+    asyncio.run(run())
+    assert sorted(r.id for r in LogReader(tmp_path).query()) == sorted(r.id for r in records)
+
+
+def test_retention_deletes_only_whole_old_segments(tmp_path: Path) -> None:
+    config = LogConfig(segment_max_bytes=128 * 1024, retention_max_bytes=600 * 1024)
+
+    async def run() -> None:
+        writer = LogWriter(tmp_path, config)
+        await _write(writer, _records(4000, payload=512))
+        await writer.close()
+
+    asyncio.run(run())
+    remaining = [r.id for r in LogReader(tmp_path).query()]
+    numbers = sorted(int(i[1:]) for i in remaining)
+    assert numbers and numbers[0] > 0, "retention should have deleted the oldest segments"
+    assert numbers == list(range(numbers[0], 4000)), "a partial segment was deleted"
+
+
+def test_a_damaged_segment_is_reported_and_skipped(tmp_path: Path) -> None:
+    config = LogConfig(segment_max_bytes=64 * 1024)
+
+    async def run() -> None:
+        writer = LogWriter(tmp_path, config)
+        await _write(writer, _records(1000, payload=256))
+        await writer.close()
+
+    asyncio.run(run())
+    first = list_segments(tmp_path)[0]
+    (first / "data.mdb").write_bytes(b"garbage" * 10)
+    reader = LogReader(tmp_path)
+    ids = [r.id for r in reader.query()]
+    assert ids and "r999" in ids
+    assert len(reader.problems) == 1 and str(first) in str(reader.problems[0])
+
+    async def reopen() -> None:  # the writer too starts fine beside a damaged segment
+        writer = LogWriter(tmp_path, config)
+        await _write(writer, _records(5, start=5000))
+        await writer.close()
+
+    asyncio.run(reopen())
+    assert LogReader(tmp_path).get("r5004")
+
+
+def test_an_undecodable_record_is_reported_not_dropped(tmp_path: Path) -> None:
+    async def run() -> None:
+        writer = LogWriter(tmp_path, LogConfig())
+        await _write(writer, _records(3))
+        await writer.close()
+
+    asyncio.run(run())
+    import lmdb
+
+    segment = list_segments(tmp_path)[0]
+    env = lmdb.open(str(segment), max_dbs=2)
+    records_db = env.open_db(b"records")
+    with env.begin(write=True, db=records_db) as txn:
+        key = next(iter(txn.cursor().iternext(values=False)))
+        txn.put(key, b"\xc1not msgpack")
+    env.close()
+    reader = LogReader(tmp_path)
+    assert len(list(reader.query())) == 2
+    assert len(reader.problems) == 1 and key.hex() in str(reader.problems[0])
+
+
+def test_record_round_trips() -> None:
+    record = _records(1)[0]
+    record.ood, record.ood_score, record.trace_id = True, 4.5, "abc"
+    assert decode(encode(record)) == record
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_export_round_trips_inputs(gateway: GatewayProcess, stub: Stub, tmp_path: Path, fmt: str) -> None:
+    rng = np.random.default_rng(11)
+    sent = {f"export-{fmt}-{i}": rng.standard_normal((1 + i % 2, 32)).astype(np.float32) for i in range(10)}
+    for request_id, x in sent.items():
+        stub.ModelInfer(_mlp_request(request_id, x, version="2"))
+    output = tmp_path / f"out.{fmt}"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "log",
+            "--state-dir",
+            str(gateway.state_dir),
+            "export",
+            "--format",
+            fmt,
+            "--model",
+            "mlp",
+            "--version",
+            "2",
+            "--status",
+            "OK",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    if fmt == "jsonl":
+        rows = [json.loads(line) for line in output.read_text().splitlines()]
+    else:
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(output).to_pylist()
+    by_request: dict[str, list[dict[str, object]]] = {}
+    for row in rows:
+        by_request.setdefault(str(row["request_id"]), []).append(row)
+    for request_id, x in sent.items():
+        exported = sorted(by_request[request_id], key=lambda r: int(r["row"]))  # type: ignore[call-overload]
+        got = np.array([[row[f"input.input.{j}"] for j in range(32)] for row in exported], dtype=np.float32)
+        np.testing.assert_array_equal(got, x)
