@@ -57,21 +57,33 @@ class Query:
 
 @dataclass
 class LogReader:
+    """Keeps segments open between calls (opening an LMDB environment costs far more than a
+    lookup) and notices segments added by rotation or removed by retention."""
+
     log_dir: Path
     problems: list[Problem] = field(default_factory=list)
+    _open: dict[Path, Segment] = field(default_factory=dict)
+    _damaged: set[Path] = field(default_factory=set)
 
-    def _segments(self, newest_first: bool = False) -> Iterator[Segment]:
+    def _segments(self, newest_first: bool = False) -> list[Segment]:
         paths = list_segments(self.log_dir)
-        for path in reversed(paths) if newest_first else paths:
-            try:
-                segment = Segment.open(path, 0, readonly=True)
-            except lmdb.Error as e:
-                self._report(Problem(path, None, f"damaged segment skipped: {e}"))
+        for gone in set(self._open) - set(paths):
+            self._open.pop(gone).close()
+        for path in paths:
+            if path in self._open or path in self._damaged:
                 continue
             try:
-                yield segment
-            finally:
-                segment.close()
+                self._open[path] = Segment.open(path, 0, readonly=True)
+            except lmdb.Error as e:
+                self._damaged.add(path)
+                self._report(Problem(path, None, f"damaged segment skipped: {e}"))
+        ordered = [self._open[p] for p in paths if p in self._open]
+        return ordered[::-1] if newest_first else ordered
+
+    def close(self) -> None:
+        for segment in self._open.values():
+            segment.close()
+        self._open.clear()
 
     def _report(self, problem: Problem) -> None:
         log.warning("request log: %s", problem)
