@@ -65,12 +65,25 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    inference: Literal["open", "token"] = "open"  # token: ModelInfer needs a token of any role
+    tokens_file: str = ""  # default: <server.state_dir>/tokens.json
+
+
+@dataclass(frozen=True)
+class ShadowConfig:
+    max_concurrency: int = 4  # shadow calls running at once; more are shed and counted
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     repository: RepositoryConfig = field(default_factory=RepositoryConfig)
     model_defaults: ModelServingConfig = field(default_factory=ModelServingConfig)
     models: dict[str, ModelServingConfig] = field(default_factory=dict)
     log: LogConfig = field(default_factory=LogConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    shadows: ShadowConfig = field(default_factory=ShadowConfig)
 
     def serving(self, model: str) -> ModelServingConfig:
         return self.models.get(model, self.model_defaults)
@@ -78,6 +91,14 @@ class GatewayConfig:
     @property
     def log_dir(self) -> Path:
         return Path(self.log.dir) if self.log.dir else Path(self.server.state_dir) / "log"
+
+    @property
+    def tokens_file(self) -> Path:
+        return Path(self.auth.tokens_file) if self.auth.tokens_file else Path(self.server.state_dir) / "tokens.json"
+
+    @property
+    def routes_dir(self) -> Path:
+        return Path(self.server.state_dir) / "routes"
 
 
 def _check_value(path: str, value: Any, annotation: Any) -> Any:

@@ -38,6 +38,18 @@ class Unavailable(GatewayError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Unauthenticated(GatewayError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(GatewayError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class AlreadyExists(GatewayError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class ModelExecutionError(GatewayError):
     code = grpc.StatusCode.INTERNAL
 

@@ -10,19 +10,39 @@ import itertools
 import os
 import secrets
 import time
+from collections.abc import Callable, Mapping
 
 import grpc
 import numpy as np
 
+from gateway.auth import Identity
 from gateway.errors import GatewayError, InvalidArgument
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.requestlog.record import Record, Tensor
 from gateway.requestlog.writer import LogWriter
 from gateway.runtime import TensorSpec
+from gateway.shadows import ShadowRunner
+from router.control import RouteControl
+from router.rules import StickyKey
+from router.table import OVERRIDE_HEADER
+
+
+def _no_parameter(name: str) -> str | None:
+    return None
 
 
 class InferenceRequest:
-    __slots__ = ("model_name", "model_version", "id", "inputs", "outputs", "datatypes")
+    __slots__ = (
+        "model_name",
+        "model_version",
+        "id",
+        "inputs",
+        "outputs",
+        "datatypes",
+        "headers",
+        "parameter",
+        "caller",
+    )
 
     def __init__(
         self,
@@ -32,6 +52,9 @@ class InferenceRequest:
         inputs: dict[str, np.ndarray],
         outputs: list[str],
         datatypes: dict[str, str],
+        headers: Mapping[str, str] | None = None,
+        parameter: Callable[[str], str | None] = _no_parameter,
+        caller: Identity | None = None,
     ) -> None:
         self.model_name = model_name
         self.model_version = model_version
@@ -39,6 +62,9 @@ class InferenceRequest:
         self.inputs = inputs  # by name, decoded zero-copy from the request bytes
         self.outputs = outputs  # requested output names; empty means all
         self.datatypes = datatypes  # the protocol datatype each input was declared with
+        self.headers = headers or {}  # transport metadata (sticky routing key, route override)
+        self.parameter = parameter  # a request parameter's value as text, looked up only if a route needs it
+        self.caller = caller  # the authenticated caller, if the request carried a token
 
 
 class InferenceResponse:
@@ -94,6 +120,14 @@ def _check_input(spec: TensorSpec, array: np.ndarray, declared: str, reject_non_
         raise InvalidArgument(f"inputs[{spec.name}]: contains NaN or Inf, which model policy rejects")
 
 
+def _routing_key(sticky: StickyKey | None, request: InferenceRequest) -> str | None:
+    if sticky is None:
+        return None
+    if sticky.source == "metadata":
+        return request.headers.get(sticky.name)
+    return request.parameter(sticky.name)
+
+
 def _status(error: GatewayError) -> int:
     return int(error.code.value[0])
 
@@ -105,9 +139,17 @@ class InferenceService:
     """Validates a request against the chosen version's signature, runs it, and logs it: the
     answer (or the error) is returned only after its log record is committed."""
 
-    def __init__(self, repository: ModelRepository, request_log: LogWriter | None) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        request_log: LogWriter | None,
+        routes: RouteControl,
+        shadows: ShadowRunner,
+    ) -> None:
         self.repository = repository
         self._log = request_log
+        self._routes = routes
+        self._shadows = shadows
         self._ids = RequestIds()
 
     def _validate(self, version: ModelVersion, request: InferenceRequest) -> int:
@@ -150,10 +192,25 @@ class InferenceService:
         request_id = request.id or self._ids.next()
         record = Record(request_id, ts_ns, request.model_name, request.model_version)
         record.inputs = [Tensor.of(name, request.datatypes[name], a) for name, a in request.inputs.items()]
+        record.caller = request.caller.name if request.caller is not None else None
         rows = 0
         version: ModelVersion | None = None
         try:
-            version = self.repository.get_ready(request.model_name, request.model_version)
+            table = self._routes.table  # one snapshot for the whole decision
+            routing_key = _routing_key(table.sticky_key(request.model_name), request)
+            record.routing_key = routing_key
+            available = self.repository.ready_versions(request.model_name)
+            if not available:  # loading or failed: say which, precisely
+                self.repository.get_ready(request.model_name, request.model_version)
+            decision = table.decide(
+                request.model_name,
+                available,
+                routing_key,
+                request.model_version,
+                request.headers.get(OVERRIDE_HEADER),
+                request.caller.roles if request.caller is not None else frozenset(),
+            )
+            version = self.repository.get_ready(request.model_name, decision.version)
             record.version, record.sha256 = version.version, version.sha256
             rows = self._validate(version, request)
             assert version.batcher is not None and version.model is not None
@@ -174,12 +231,15 @@ class InferenceService:
             outputs = list(zip(specs, results, strict=True))
         record.outputs = [Tensor.of(spec.name, spec.dtype.v2_name, array) for spec, array in outputs]
         await self._commit(record, start)
+        if decision.shadows:
+            self._shadows.mirror(record, decision.shadows, feeds, rows, results)
         return InferenceResponse(version.name, version.version, request.id, request_id, outputs)
 
-    async def reject_undecodable(
+    async def reject_unprocessed(
         self, model_name: str, model_version: str, client_id: str, error: GatewayError, raw_request: bytes
     ) -> str:
-        """Log a request that could not be decoded, keeping its bytes; return its request id."""
+        """Log a request refused before it could be processed (undecodable, unauthenticated), keeping
+        its bytes; return its request id."""
         request_id = client_id or self._ids.next()
         record = Record(request_id, time.time_ns(), model_name, model_version, status=_status(error))
         record.message, record.raw_request = error.message, raw_request

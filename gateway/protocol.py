@@ -37,6 +37,7 @@ def _load(name: str) -> SimpleNamespace:
 
 
 inference: Any = _load("inference")
+admin: Any = _load("admin")
 
 
 def _types(service: ServiceDescriptor, method_name: str) -> tuple[Any, Any]:
@@ -48,11 +49,12 @@ def _types(service: ServiceDescriptor, method_name: str) -> tuple[Any, Any]:
 
 
 def add_service(server: grpc.aio.Server, service: ServiceDescriptor, implementation: object) -> None:
-    """Register `implementation.<RpcName>` coroutines for every unary RPC of `service`."""
+    """Register `implementation.<RpcName>` for every RPC of `service` (unary or server-streaming)."""
     handlers = {}
     for method in service.methods:
         request_type, response_type = _types(service, method.name)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
             getattr(implementation, method.name),
             request_deserializer=request_type.FromString,
             response_serializer=response_type.SerializeToString,
@@ -67,7 +69,8 @@ class Stub:
         service = service or inference.GRPCInferenceService
         for method in service.methods:
             request_type, response_type = _types(service, method.name)
-            callable_ = channel.unary_unary(
+            make = channel.unary_stream if method.server_streaming else channel.unary_unary
+            callable_ = make(
                 f"/{service.full_name}/{method.name}",
                 request_serializer=request_type.SerializeToString,
                 response_deserializer=response_type.FromString,

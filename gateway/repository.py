@@ -19,6 +19,7 @@ from gateway.config import GatewayConfig, ModelServingConfig
 from gateway.errors import ConfigError, NotFound, Unavailable
 from gateway.runtime import OnnxModel
 from gateway.stats import VersionStats
+from router.rules import version_order
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,6 @@ class ModelVersion:
             log.error("model %s version %s failed to load: %s", self.name, self.version, e)
 
 
-def _version_key(version: str) -> tuple[int, str]:
-    return (int(version), "") if version.isdigit() else (-1, version)
-
-
 class ModelRepository:
     """All model versions found under the repository root, by name and version."""
 
@@ -111,12 +108,13 @@ class ModelRepository:
             raise ConfigError(f"model repository {root} is not a directory")
         self.models: dict[str, dict[str, ModelVersion]] = {}
         for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            versions = sorted((v.name for v in model_dir.iterdir() if (v / MODEL_FILE).is_file()), key=_version_key)
+            versions = sorted((v.name for v in model_dir.iterdir() if (v / MODEL_FILE).is_file()), key=version_order)
             if versions:
                 serving = config.serving(model_dir.name)
                 self.models[model_dir.name] = {
                     v: ModelVersion(model_dir.name, v, model_dir / v, serving) for v in versions
                 }
+        self._ready_versions: dict[str, tuple[str, ...]] = {name: () for name in self.models}
         unknown = sorted(set(config.models) - set(self.models))
         if unknown:
             raise ConfigError(f"models.{unknown[0]}: no such model in repository {root}")
@@ -128,6 +126,18 @@ class ModelRepository:
         repo = self._config.repository
         for version in self.all_versions():
             version.load(repo.intra_op_threads, repo.inter_op_threads, repo.warmup_runs)
+            self._ready_versions[version.name] = tuple(v for v, mv in self.models[version.name].items() if mv.ready)
+
+    def ready_versions(self, name: str) -> tuple[str, ...]:
+        """The model's ready versions, lowest first (NOT_FOUND for an unknown model)."""
+        found = self._ready_versions.get(name)
+        if found is None:
+            raise NotFound(f"model_name: unknown model {name!r}")
+        return found
+
+    def ready_map(self) -> dict[str, frozenset[str]]:
+        """Every model's ready versions: what route edits are validated against."""
+        return {name: frozenset(versions) for name, versions in self._ready_versions.items()}
 
     @property
     def ready(self) -> bool:

@@ -17,15 +17,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway import protocol
+from gateway.admin import AdminServicer
+from gateway.auth import TokenStore
 from gateway.config import GatewayConfig
 from gateway.inference import InferenceService
 from gateway.repository import ModelRepository
+from gateway.requestlog.reader import LogReader
 from gateway.requestlog.writer import LogWriter
 from gateway.servicer import InferenceServicer
+from gateway.shadows import ShadowRunner
+from router.control import RouteControl
+from router.store import RouteStore
 
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = protocol.inference.GRPCInferenceService.full_name
+ADMIN_SERVICE = protocol.admin.AdminService.full_name
 
 
 class Gateway:
@@ -35,7 +42,12 @@ class Gateway:
         self.config = config
         self.repository = ModelRepository(config)
         self.request_log = LogWriter(config.log_dir, config.log) if config.log.enabled else None
-        self.service = InferenceService(self.repository, self.request_log)
+        self.routes = RouteControl(RouteStore(config.routes_dir), self.repository.ready_map)
+        self.tokens = TokenStore(config.tokens_file)
+        self.shadows = ShadowRunner(self.repository, self.request_log, config.shadows.max_concurrency)
+        self.service = InferenceService(self.repository, self.request_log, self.routes, self.shadows)
+        live = self.request_log.live_segment if self.request_log is not None else None
+        self.log_reader = LogReader(config.log_dir, live=live)
         limit = config.server.max_message_bytes
         self.server = grpc.aio.server(
             options=[
@@ -45,12 +57,21 @@ class Gateway:
             ]
         )
         protocol.add_service(
-            self.server, protocol.inference.GRPCInferenceService, InferenceServicer(self.repository, self.service)
+            self.server,
+            protocol.inference.GRPCInferenceService,
+            InferenceServicer(self.repository, self.service, self.tokens, config.auth.inference == "token"),
+        )
+        protocol.add_service(
+            self.server,
+            protocol.admin.AdminService,
+            AdminServicer(self.repository, self.routes, self.tokens, self.shadows, self.log_reader),
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server, pool=protocol.POOL
+            [INFERENCE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME],
+            self.server,
+            pool=protocol.POOL,
         )
         address = f"{config.server.host}:{config.server.port}"
         self.port = self.server.add_insecure_port(address)
@@ -68,6 +89,9 @@ class Gateway:
         log.info("listening on %s:%d", self.config.server.host, self.port)
         if self.request_log is not None:
             log.info("request log in %s (sync=%s)", self.config.log_dir, self.config.log.sync)
+        token_path = self.tokens.bootstrap(self.config.server.state_dir)
+        if token_path is not None:
+            log.info("no tokens yet: created an admin token in %s (readable only by this user)", token_path)
         loading = asyncio.create_task(asyncio.to_thread(self.repository.load_all))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -81,8 +105,10 @@ class Gateway:
         await self.server.stop(self.config.server.grace_period_s)
         if not loading.done():
             await loading  # let warm-up finish so its thread does not outlive the sessions
+        await self.shadows.drain()
         if self.request_log is not None:
             await self.request_log.close()
+        self.routes.close()
         self.repository.close()
         log.info("stopped")
 

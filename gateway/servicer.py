@@ -7,11 +7,13 @@ into gRPC status codes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 
 import grpc
 
+from gateway.auth import TokenStore
 from gateway.codec import decode_request, encode_response
 from gateway.errors import GatewayError
 from gateway.inference import InferenceService
@@ -33,10 +35,23 @@ def _server_version() -> str:
         return "unknown"
 
 
-def _reject(context: grpc.aio.ServicerContext, method: str, error: GatewayError) -> None:
+def reject(context: grpc.aio.ServicerContext, method: str, error: GatewayError) -> None:
     log.info("%s rejected with %s: %s", method, error.code.name, error.message)
     context.set_code(error.code)
     context.set_details(error.message)
+
+
+def _parameter_reader(request: pb.ModelInferRequest) -> Callable[[str], str | None]:
+    """A request parameter's value as text (a sticky routing key may come from one)."""
+
+    def read(name: str) -> str | None:
+        if name not in request.parameters:
+            return None
+        parameter = request.parameters[name]
+        kind = parameter.WhichOneof("parameter_choice")
+        return None if kind is None else str(getattr(parameter, kind))
+
+    return read
 
 
 def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
@@ -50,9 +65,13 @@ def _duration(count: int, ns: int) -> pb.StatisticDuration:
 class InferenceServicer:
     """Implements every RPC of `inference.GRPCInferenceService` (registered by `protocol.add_service`)."""
 
-    def __init__(self, repository: ModelRepository, service: InferenceService) -> None:
+    def __init__(
+        self, repository: ModelRepository, service: InferenceService, tokens: TokenStore, require_token: bool
+    ) -> None:
         self._repository = repository
         self._service = service
+        self._tokens = tokens
+        self._require_token = require_token
         self._version = _server_version()
 
     async def ServerLive(
@@ -71,7 +90,7 @@ class InferenceServicer:
         try:
             return pb.ModelReadyResponse(ready=self._repository.get(request.name, request.version).ready)
         except GatewayError as e:
-            _reject(context, "ModelReady", e)
+            reject(context, "ModelReady", e)
             return pb.ModelReadyResponse()
 
     async def ServerMetadata(
@@ -85,7 +104,7 @@ class InferenceServicer:
         try:
             version = self._repository.get_ready(request.name, request.version)
         except GatewayError as e:
-            _reject(context, "ModelMetadata", e)
+            reject(context, "ModelMetadata", e)
             return pb.ModelMetadataResponse()
         assert version.model is not None
         return pb.ModelMetadataResponse(
@@ -102,7 +121,7 @@ class InferenceServicer:
         try:
             version = self._repository.get_ready(request.name, request.version)
         except GatewayError as e:
-            _reject(context, "ModelConfig", e)
+            reject(context, "ModelConfig", e)
             return pb.ModelConfigResponse()
         return pb.ModelConfigResponse(config=_model_config(version))
 
@@ -120,7 +139,7 @@ class InferenceServicer:
             else:
                 chosen = self._repository.all_versions()
         except GatewayError as e:
-            _reject(context, "ModelStatistics", e)
+            reject(context, "ModelStatistics", e)
             return pb.ModelStatisticsResponse()
         return pb.ModelStatisticsResponse(model_stats=[_statistics(v) for v in chosen])
 
@@ -129,25 +148,31 @@ class InferenceServicer:
     ) -> pb.ModelInferResponse:
         try:
             decoded = decode_request(request)
+            headers = dict(context.invocation_metadata() or ())
+            authorization = headers.get("authorization")
+            if authorization is not None or self._require_token:
+                decoded.caller = self._tokens.authenticate(authorization)
         except GatewayError as e:
-            return await self._reject_undecodable(request, context, e)
+            return await self._reject_unprocessed(request, context, e)
+        decoded.headers = headers
+        decoded.parameter = _parameter_reader(request)
         try:
             response = await self._service.infer(decoded)
         except GatewayError as e:
-            _reject(context, "ModelInfer", e)
+            reject(context, "ModelInfer", e)
             return pb.ModelInferResponse()
         return encode_response(response)
 
-    async def _reject_undecodable(
+    async def _reject_unprocessed(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, error: GatewayError
     ) -> pb.ModelInferResponse:
         try:
-            await self._service.reject_undecodable(
+            await self._service.reject_unprocessed(
                 request.model_name, request.model_version, request.id, error, request.SerializeToString()
             )
         except GatewayError as log_error:  # the log could not take the record: say so instead
             error = log_error
-        _reject(context, "ModelInfer", error)
+        reject(context, "ModelInfer", error)
         return pb.ModelInferResponse()
 
 

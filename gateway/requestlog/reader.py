@@ -8,7 +8,7 @@ record that fails to decode is reported with its segment and key, never dropped 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,15 +61,19 @@ class LogReader:
     lookup) and notices segments added by rotation or removed by retention."""
 
     log_dir: Path
+    live: Callable[[], Segment] | None = None  # the in-process writer's open segment, if any
     problems: list[Problem] = field(default_factory=list)
     _open: dict[Path, Segment] = field(default_factory=dict)
     _damaged: set[Path] = field(default_factory=set)
 
     def _segments(self, newest_first: bool = False) -> list[Segment]:
         paths = list_segments(self.log_dir)
+        live = self.live() if self.live is not None else None
         for gone in set(self._open) - set(paths):
             self._open.pop(gone).close()
         for path in paths:
+            if live is not None and path == live.path:
+                continue  # shared, never opened or closed here
             if path in self._open or path in self._damaged:
                 continue
             try:
@@ -77,7 +81,11 @@ class LogReader:
             except lmdb.Error as e:
                 self._damaged.add(path)
                 self._report(Problem(path, None, f"damaged segment skipped: {e}"))
-        ordered = [self._open[p] for p in paths if p in self._open]
+        ordered = [
+            live if live is not None and p == live.path else self._open[p]
+            for p in paths
+            if p in self._open or (live is not None and p == live.path)
+        ]
         return ordered[::-1] if newest_first else ordered
 
     def close(self) -> None:

@@ -61,6 +61,14 @@ class LogWriter:
     def threaded(self) -> bool:
         return self._thread is not None
 
+    def live_segment(self) -> Segment:
+        """The segment being written (an in-process reader must share it: LMDB allows one open per process)."""
+        return self._segment
+
+    @property
+    def max_pending(self) -> int:
+        return self._config.max_pending
+
     @property
     def queue_depth(self) -> int:
         return len(self._pending) + self._committing

@@ -1,0 +1,292 @@
+"""The gRPC transport for the operator API (`canary.admin.v1.AdminService`, protos/admin.proto).
+
+Every call authenticates its bearer token and checks the caller's role before doing anything:
+`viewer` reads routes, history, agreement and the request log; `operator` changes traffic;
+`admin` manages tokens. Route edits go through `router.control`, which validates, persists the
+change with who/why/before/after, and swaps the live table atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from gateway.auth import Identity, Role, TokenStore, require
+from gateway.errors import GatewayError, InvalidArgument
+from gateway.protocol import admin as pb
+from gateway.repository import ModelRepository
+from gateway.requestlog.reader import LogReader, Query
+from gateway.requestlog.record import encode
+from gateway.servicer import reject
+from gateway.shadows import ShadowRunner
+from router.control import RouteControl
+from router.rules import DEFAULT_OVERRIDE_ROLES, ROLES, Route, StickyKey, default_route
+from router.store import ChangeEntry
+
+Weights = tuple[tuple[str, int], ...]
+
+
+def _weights(shares: Any) -> Weights:
+    return tuple((s.version, s.bps) for s in shares)
+
+
+def _shares(weights: Weights) -> list[Any]:
+    return [pb.VersionShare(version=v, bps=bps) for v, bps in weights]
+
+
+def _route_json(route: Route | None) -> str:
+    return "" if route is None else json.dumps(route.to_dict(), sort_keys=True)
+
+
+def _entry(entry: ChangeEntry) -> Any:
+    return pb.ChangeEntry(
+        seq=entry.seq,
+        time_ns=entry.time_ns,
+        who=entry.who,
+        why=entry.why,
+        action=entry.action,
+        model=entry.model,
+        before_json=_route_json(entry.before),
+        after_json=_route_json(entry.after),
+    )
+
+
+class AdminServicer:
+    """Implements every RPC of `canary.admin.v1.AdminService` (registered by `protocol.add_service`)."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        routes: RouteControl,
+        tokens: TokenStore,
+        shadows: ShadowRunner,
+        log_reader: LogReader,
+    ) -> None:
+        self._repository = repository
+        self._routes = routes
+        self._tokens = tokens
+        self._shadows = shadows
+        self._log = log_reader
+
+    def _caller(self, context: grpc.aio.ServicerContext, role: Role, action: str) -> Identity:
+        self._tokens.refresh()  # tokens created or revoked by another process
+        identity = self._tokens.authenticate(dict(context.invocation_metadata() or ()).get("authorization"))
+        require(identity, role, action)
+        return identity
+
+    def _route_message(self, model: str) -> Any:
+        ready = self._repository.ready_versions(model)
+        route = self._routes.route(model)
+        shown = route if route is not None else (default_route(ready[-1]) if ready else None)
+        message = pb.Route(model=model, explicit=route is not None, ready_versions=list(ready))
+        if shown is not None:
+            message.split.extend(_shares(shown.split))
+            message.shadows.extend(_shares(shown.shadows))
+            message.sticky_key = "" if shown.sticky_key is None else str(shown.sticky_key)
+            message.allow_pinning = shown.allow_pinning
+            message.override_roles.extend(r for r in ROLES if r in shown.override_roles)
+        else:
+            message.allow_pinning = True
+            message.override_roles.extend(r for r in ROLES if r in DEFAULT_OVERRIDE_ROLES)
+        return message
+
+    async def _change(
+        self,
+        context: grpc.aio.ServicerContext,
+        model: str,
+        reason: str,
+        action: str,
+        edit: Callable[[Identity], ChangeEntry],
+    ) -> Any:
+        try:
+            identity = self._caller(context, "operator", f"{action} on {model!r}")
+            self._repository.ready_versions(model)  # NOT_FOUND for an unknown model
+            if not reason.strip():
+                raise InvalidArgument("reason: required; say why you change the route")
+            entry = edit(identity)
+        except GatewayError as e:
+            reject(context, f"Admin.{action}", e)
+            return pb.ChangeResponse()
+        return pb.ChangeResponse(
+            entry=_entry(entry), route=self._route_message(model), table_version=self._routes.table.version
+        )
+
+    def _replace(self, model: str, identity: Identity, reason: str, action: str, **fields: object) -> ChangeEntry:
+        return self._routes.change(
+            model,
+            lambda route: dataclasses.replace(route, **fields),  # type: ignore[arg-type]
+            who=identity.name,
+            why=reason,
+            action=action,  # type: ignore[arg-type]
+        )
+
+    # --- viewer ---------------------------------------------------------------------------------
+
+    async def GetRoutes(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            self._caller(context, "viewer", "GetRoutes")
+            models = [request.model] if request.model else sorted(self._repository.models)
+            routes = [self._route_message(m) for m in models]
+        except GatewayError as e:
+            reject(context, "Admin.GetRoutes", e)
+            return pb.GetRoutesResponse()
+        return pb.GetRoutesResponse(routes=routes, table_version=self._routes.table.version)
+
+    async def History(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            self._caller(context, "viewer", "History")
+            r = request
+            entries = self._routes.history(r.model or None, r.since_ns or None, r.until_ns or None)
+        except GatewayError as e:
+            reject(context, "Admin.History", e)
+            return pb.HistoryResponse()
+        limit = request.limit or len(entries)
+        return pb.HistoryResponse(entries=[_entry(e) for e in entries[-limit:]])
+
+    async def Agreement(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            self._caller(context, "viewer", "Agreement")
+        except GatewayError as e:
+            reject(context, "Admin.Agreement", e)
+            return pb.AgreementResponse()
+        stats = [
+            pb.AgreementStat(
+                model=model,
+                primary_version=primary,
+                shadow_version=shadow,
+                compared=a.compared,
+                agreed=a.agreed,
+                rate=a.rate,
+                shed=a.shed,
+                failed=a.failed,
+            )
+            for (model, primary, shadow), a in sorted(self._shadows.agreement.items())
+            if not request.model or model == request.model
+        ]
+        return pb.AgreementResponse(stats=stats)
+
+    async def GetLogRecords(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            self._caller(context, "viewer", "GetLogRecords")
+        except GatewayError as e:
+            reject(context, "Admin.GetLogRecords", e)
+            return pb.GetLogRecordsResponse()
+        response = pb.GetLogRecordsResponse()
+        for request_id in request.request_ids:
+            found = self._log.get(request_id)
+            if not found:
+                response.unknown_ids.append(request_id)
+            response.records.extend(pb.LogRecord(msgpack=encode(r)) for r in found)
+        return response
+
+    async def QueryLog(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            self._caller(context, "viewer", "QueryLog")
+        except GatewayError as e:
+            reject(context, "Admin.QueryLog", e)
+            return
+        r = request
+        query = Query(
+            r.model or None,
+            r.version or None,
+            r.role or None,
+            None if r.status < 0 else r.status,
+            None,
+            r.since_ns or None,
+            r.until_ns or None,
+        )
+        limit = r.limit or 1000
+        for sent, record in enumerate(self._log.query(query)):
+            if sent >= limit:
+                break
+            yield pb.LogRecord(msgpack=encode(record))
+
+    async def WhoAmI(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            identity = self._caller(context, "viewer", "WhoAmI")
+        except GatewayError as e:
+            reject(context, "Admin.WhoAmI", e)
+            return pb.WhoAmIResponse()
+        return pb.WhoAmIResponse(name=identity.name, role=identity.role)
+
+    # --- operator -------------------------------------------------------------------------------
+
+    async def _set(
+        self, context: grpc.aio.ServicerContext, request: Any, action: str, fields: Callable[[], dict[str, Any]]
+    ) -> Any:
+        """Replace some fields of the model's route (`fields` runs inside the error handling)."""
+        return await self._change(
+            context,
+            request.model,
+            request.reason,
+            action,
+            lambda who: self._replace(request.model, who, request.reason, action, **fields()),
+        )
+
+    async def SetSplit(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._set(context, request, "split", lambda: {"split": _weights(request.split)})
+
+    async def SetSticky(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        key = request.sticky_key
+        return await self._set(
+            context, request, "sticky", lambda: {"sticky_key": StickyKey.parse(key) if key else None}
+        )
+
+    async def SetShadows(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._set(context, request, "shadow", lambda: {"shadows": _weights(request.shadows)})
+
+    async def SetPinPolicy(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._set(context, request, "pin", lambda: {"allow_pinning": request.allow_pinning})
+
+    async def Promote(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        r = request
+        return await self._change(
+            context,
+            r.model,
+            r.reason,
+            "promote",
+            lambda who: self._routes.promote(r.model, r.version, who=who.name, why=r.reason),
+        )
+
+    async def Rollback(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        r = request
+        return await self._change(
+            context,
+            r.model,
+            r.reason,
+            "rollback",
+            lambda who: self._routes.rollback(r.model, who=who.name, why=r.reason),
+        )
+
+    # --- admin ------------------------------------------------------------------------------------
+
+    async def CreateToken(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            self._caller(context, "admin", "CreateToken")
+            token = self._tokens.create(request.role, request.name)
+        except GatewayError as e:
+            reject(context, "Admin.CreateToken", e)
+            return pb.CreateTokenResponse()
+        return pb.CreateTokenResponse(token=token)
+
+    async def RevokeToken(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            self._caller(context, "admin", "RevokeToken")
+            self._tokens.revoke(request.name)
+        except GatewayError as e:
+            reject(context, "Admin.RevokeToken", e)
+        return pb.RevokeTokenResponse()
+
+    async def ListTokens(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            self._caller(context, "admin", "ListTokens")
+        except GatewayError as e:
+            reject(context, "Admin.ListTokens", e)
+            return pb.ListTokensResponse()
+        return pb.ListTokensResponse(
+            tokens=[pb.TokenInfo(name=t.name, role=t.role, created_ns=t.created_ns) for t in self._tokens.records]
+        )

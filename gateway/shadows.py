@@ -1,0 +1,123 @@
+"""Shadow traffic: mirror a request to candidate versions after the primary answer is ready.
+
+A shadow never delays or fails the primary: it starts on a later event-loop turn, its errors stay
+in its own log record and counters, and at most `shadows.max_concurrency` shadow calls run at
+once; beyond that (or when the request log is backed up) the shadow is shed and counted, never
+queued without bound. Each shadow's output is compared with the primary's, per (model, primary
+version, shadow version) pair: integer outputs must be equal, float outputs close
+(rtol 1e-3, atol 1e-5); the first output decides (the label, for classifiers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from gateway.errors import GatewayError
+from gateway.repository import ModelRepository
+from gateway.requestlog.record import ROLE_SHADOW, Record, Tensor
+from gateway.requestlog.writer import LogWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Agreement:
+    compared: int = 0
+    agreed: int = 0
+    shed: int = 0
+    failed: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.agreed / self.compared if self.compared else 0.0
+
+
+def outputs_agree(primary: list[np.ndarray], shadow: list[np.ndarray]) -> bool:
+    if not primary or not shadow or primary[0].shape != shadow[0].shape:
+        return False
+    a, b = primary[0], shadow[0]
+    if a.dtype.kind == "f" or b.dtype.kind == "f":
+        return bool(np.allclose(a, b, rtol=1e-3, atol=1e-5, equal_nan=True))
+    return bool(np.array_equal(a, b))
+
+
+class ShadowRunner:
+    def __init__(self, repository: ModelRepository, request_log: LogWriter | None, max_concurrency: int) -> None:
+        self._repository = repository
+        self._log = request_log
+        self._max = max_concurrency
+        self._running: set[asyncio.Task[None]] = set()
+        self.agreement: dict[tuple[str, str, str], Agreement] = {}
+
+    def mirror(
+        self,
+        primary: Record,
+        shadows: tuple[str, ...],
+        feeds: dict[str, np.ndarray],
+        rows: int,
+        primary_outputs: list[np.ndarray],
+    ) -> None:
+        """Start the shadow calls for one answered request (returns at once)."""
+        for version in shadows:
+            stat = self.agreement.setdefault((primary.model, primary.version, version), Agreement())
+            log_full = self._log is not None and self._log.queue_depth >= self._log.max_pending
+            if len(self._running) >= self._max or log_full:
+                stat.shed += 1
+                continue
+            task = asyncio.get_running_loop().create_task(
+                self._run(primary, version, feeds, rows, primary_outputs, stat)
+            )
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(
+        self,
+        primary: Record,
+        version_name: str,
+        feeds: dict[str, np.ndarray],
+        rows: int,
+        primary_outputs: list[np.ndarray],
+        stat: Agreement,
+    ) -> None:
+        start = time.perf_counter_ns()
+        record = Record(
+            f"{primary.id}/shadow/{version_name}",
+            time.time_ns(),
+            primary.model,
+            version_name,
+            role=ROLE_SHADOW,
+            primary_id=primary.id,
+            caller=primary.caller,
+            routing_key=primary.routing_key,
+            inputs=primary.inputs,
+        )
+        try:
+            version = self._repository.get_ready(primary.model, version_name)
+            record.sha256 = version.sha256
+            assert version.batcher is not None and version.model is not None
+            outputs = await version.batcher.run(feeds, rows)
+            record.outputs = [
+                Tensor.of(spec.name, spec.dtype.v2_name, array)
+                for spec, array in zip(version.model.outputs, outputs, strict=True)
+            ]
+            stat.compared += 1
+            stat.agreed += outputs_agree(primary_outputs, outputs)
+        except GatewayError as error:
+            stat.failed += 1
+            record.status, record.message = int(error.code.value[0]), error.message
+        record.latency_ns = time.perf_counter_ns() - start
+        if self._log is not None:
+            try:
+                await self._log.append(record)
+            except GatewayError as error:
+                log.warning("shadow record %s not logged: %s", record.id, error.message)
+
+    async def drain(self) -> None:
+        """Let running shadow calls finish (at shutdown, before the log closes)."""
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)

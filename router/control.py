@@ -1,0 +1,60 @@
+"""The live route table and the one way to change it: validate, persist with its change-log entry,
+then swap the new table in with one assignment.
+
+A request reads `control.table` once; an edit builds a new `RouteTable` from the store and replaces
+the attribute, so every request sees the old table or the new one, never a mix. A rejected edit
+raises before anything is written and leaves the table untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
+
+from router.rules import Route
+from router.store import Action, Change, ChangeEntry, RouteStore
+from router.table import RouteTable
+
+Ready = Callable[[], Mapping[str, AbstractSet[str]]]
+
+
+class RouteControl:
+    def __init__(self, store: RouteStore, ready: Ready) -> None:
+        self._store = store
+        self._ready = ready  # model -> its ready versions, asked at each edit
+        self.table = self._load()
+
+    def _load(self) -> RouteTable:
+        version, routes = self._store.load()
+        return RouteTable(routes, version)
+
+    def refresh(self) -> bool:
+        """Pick up edits made by another process (another worker, the CLI); True if the table changed."""
+        if self._store.table_version() == self.table.version:
+            return False
+        self.table = self._load()
+        return True
+
+    def change(self, model: str, change: Change, *, who: str, why: str, action: Action) -> ChangeEntry:
+        entry = self._store.apply(model, change, who=who, why=why, action=action, ready=self._ready())
+        self.table = self._load()
+        return entry
+
+    def promote(self, model: str, version: str, *, who: str, why: str) -> ChangeEntry:
+        entry = self._store.promote(model, version, who=who, why=why, ready=self._ready())
+        self.table = self._load()
+        return entry
+
+    def rollback(self, model: str, *, who: str, why: str) -> ChangeEntry:
+        entry = self._store.rollback(model, who=who, why=why, ready=self._ready())
+        self.table = self._load()
+        return entry
+
+    def history(self, model: str | None, since_ns: int | None, until_ns: int | None) -> list[ChangeEntry]:
+        return self._store.history(model, since_ns, until_ns)
+
+    def route(self, model: str) -> Route | None:
+        return self.table.route(model)
+
+    def close(self) -> None:
+        self._store.close()

@@ -1,0 +1,267 @@
+"""The route table and its append-only change log, persisted in LMDB.
+
+One write transaction per change reads the current route, builds and validates the new one, stores it,
+appends the change-log entry and bumps the table version; any error aborts the transaction, so a rejected
+change writes nothing. The table version equals the sequence number of the last change, so a worker
+process can poll `table_version()` (one read transaction, a few microseconds) and reload only when it
+moved. LMDB readers see a snapshot and never block the one writer, and the environment is safe to share
+between processes; open one `RouteStore` per process (after forking), as LMDB requires.
+
+Layout (named databases; integers are 8-byte big-endian so keys sort numerically):
+`meta`: format, version. `routes`: model → route (msgpack). `log`: seq → entry (msgpack).
+`log_by_model`: model NUL seq → empty, to find a model's changes without scanning the whole log.
+
+Rollback returns a model to the route before its last change, and is itself a change: rolling back twice
+returns to where the first rollback started, like `cd -`. A route of None means "no route" (the model
+serves its highest version).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, cast, get_args
+
+import lmdb
+import msgpack
+
+from gateway.errors import ConfigError, FailedPrecondition, InvalidArgument
+from router import rules
+from router.rules import Route
+
+Action = Literal["split", "sticky", "shadow", "pin", "override", "promote", "rollback"]
+ACTIONS: tuple[Action, ...] = get_args(Action)
+
+Change = Route | None | Callable[[Route], Route | None]
+"""A new route (None removes the route), or a function of the current one."""
+
+_FORMAT = b"1"
+_NUL = b"\x00"
+
+
+def _u64(n: int) -> bytes:
+    return n.to_bytes(8, "big")
+
+
+def _route_data(route: Route | None) -> dict[str, Any] | None:
+    return None if route is None else route.to_dict()
+
+
+def _route_of(data: Mapping[str, Any] | None) -> Route | None:
+    return None if data is None else Route.from_dict(data)
+
+
+@dataclass(frozen=True)
+class ChangeEntry:
+    """One change-log entry: who changed which model's route, when, why, and the route before and after."""
+
+    seq: int
+    time_ns: int
+    who: str
+    why: str
+    action: Action
+    model: str
+    before: Route | None
+    after: Route | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (msgpack / JSON), the stored form."""
+        return {
+            "seq": self.seq,
+            "time_ns": self.time_ns,
+            "who": self.who,
+            "why": self.why,
+            "action": self.action,
+            "model": self.model,
+            "before": _route_data(self.before),
+            "after": _route_data(self.after),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ChangeEntry:
+        return cls(
+            seq=data["seq"],
+            time_ns=data["time_ns"],
+            who=data["who"],
+            why=data["why"],
+            action=data["action"],
+            model=data["model"],
+            before=_route_of(data["before"]),
+            after=_route_of(data["after"]),
+        )
+
+
+class RouteStore:
+    """The persisted route table and change log in the LMDB environment at directory `path`.
+
+    `map_size` only reserves address space (the file grows as it fills); 1 GiB holds millions of changes.
+    """
+
+    def __init__(self, path: str | Path, map_size: int = 1 << 30) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=4)
+        self._meta = self._env.open_db(b"meta")
+        self._routes = self._env.open_db(b"routes")
+        self._log = self._env.open_db(b"log")
+        self._by_model = self._env.open_db(b"log_by_model")
+        with self._env.begin(write=True) as txn:
+            stored = txn.get(b"format", db=self._meta)
+            if stored is None:
+                txn.put(b"format", _FORMAT, db=self._meta)
+            elif stored != _FORMAT:
+                raise ConfigError(f"{self.path}: route store format {bytes(stored)!r}; this gateway reads {_FORMAT!r}")
+
+    def close(self) -> None:
+        self._env.close()
+
+    def __enter__(self) -> RouteStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def table_version(self) -> int:
+        """The number of changes applied so far: cheap to poll for "did the table change?"."""
+        with self._env.begin() as txn:
+            return self._version(txn)
+
+    def load(self) -> tuple[int, dict[str, Route]]:
+        """The table version and every model's route, read in one snapshot."""
+        with self._env.begin() as txn:
+            routes = {
+                key.decode(): Route.from_dict(msgpack.unpackb(value)) for key, value in txn.cursor(db=self._routes)
+            }
+            return self._version(txn), routes
+
+    def apply(
+        self,
+        model: str,
+        change: Change,
+        *,
+        who: str,
+        why: str,
+        action: Action,
+        ready: Mapping[str, AbstractSet[str]],
+    ) -> ChangeEntry:
+        """Validate and apply one change to `model`'s route and log it, atomically; return the log entry.
+
+        A function `change` receives the current route, or for a model without one the default route
+        (its highest ready version takes all traffic). `ready` maps models to their ready versions; every
+        version of the new route must be one. On any error nothing is written.
+        """
+
+        def target(_txn: lmdb.Transaction, current: Route | None) -> Route | None:
+            if not callable(change):
+                return change
+            return change(current if current is not None else self._default(model, ready))
+
+        return self._write(model, who, why, action, ready, target)
+
+    def promote(
+        self, model: str, version: str, *, who: str, why: str, ready: Mapping[str, AbstractSet[str]]
+    ) -> ChangeEntry:
+        """`version` takes all of `model`'s traffic (sticky key, pin policy and other shadows are kept)."""
+        return self.apply(
+            model, lambda route: rules.promote(route, version), who=who, why=why, action="promote", ready=ready
+        )
+
+    def rollback(self, model: str, *, who: str, why: str, ready: Mapping[str, AbstractSet[str]]) -> ChangeEntry:
+        """Return `model` to the route it had before its last change (validated like any change)."""
+        return self._write(model, who, why, "rollback", ready, lambda txn, _current: self._previous(txn, model))
+
+    def previous_route(self, model: str) -> Route | None:
+        """The route before `model`'s last change (None: it had none); FailedPrecondition without history."""
+        with self._env.begin() as txn:
+            return self._previous(txn, model)
+
+    def history(
+        self, model: str | None = None, since_ns: int | None = None, until_ns: int | None = None
+    ) -> list[ChangeEntry]:
+        """Change-log entries, oldest first, optionally of one model and with since_ns <= time_ns < until_ns."""
+        with self._env.begin() as txn:
+            return [
+                entry
+                for entry in self._entries(txn, model)
+                if (since_ns is None or entry.time_ns >= since_ns) and (until_ns is None or entry.time_ns < until_ns)
+            ]
+
+    def _write(
+        self,
+        model: str,
+        who: str,
+        why: str,
+        action: Action,
+        ready: Mapping[str, AbstractSet[str]],
+        target: Callable[[lmdb.Transaction, Route | None], Route | None],
+    ) -> ChangeEntry:
+        if not isinstance(model, str) or not model:
+            raise InvalidArgument(f"model: {model!r} must be a model name")
+        if not isinstance(who, str) or not who.strip():
+            raise InvalidArgument(f"who: {who!r}; a change needs the identity that makes it")
+        if not isinstance(why, str) or not why.strip():
+            raise InvalidArgument(f"why: {why!r}; a change needs a reason")
+        if action not in ACTIONS:
+            raise InvalidArgument(f"action: {action!r} is not one of {', '.join(ACTIONS)}")
+        key = model.encode()
+        with self._env.begin(write=True) as txn:  # an exception aborts: nothing is written
+            current = _route_of(self._unpack(txn.get(key, db=self._routes)))
+            after = target(txn, current)
+            if after is not None:
+                rules.validate(model, after, ready)
+            seq = self._version(txn) + 1
+            entry = ChangeEntry(seq, time.time_ns(), who, why.strip(), action, model, current, after)
+            txn.put(_u64(seq), msgpack.packb(entry.to_dict()), db=self._log)
+            txn.put(key + _NUL + _u64(seq), b"", db=self._by_model)
+            if after is None:
+                txn.delete(key, db=self._routes)
+            else:
+                txn.put(key, msgpack.packb(after.to_dict()), db=self._routes)
+            txn.put(b"version", _u64(seq), db=self._meta)
+        return entry
+
+    def _default(self, model: str, ready: Mapping[str, AbstractSet[str]]) -> Route:
+        available = ready.get(model)
+        if not available:
+            raise FailedPrecondition(f"model: {model!r} has no ready versions")
+        return rules.default_route(rules.highest(available))
+
+    def _previous(self, txn: lmdb.Transaction, model: str) -> Route | None:
+        prefix = model.encode() + _NUL
+        cursor = txn.cursor(db=self._by_model)
+        # The model's last entry is the greatest key below prefix + 0xff...: step back from where that would go.
+        found = cursor.prev() if cursor.set_range(prefix + b"\xff" * 8) else cursor.last()
+        key = bytes(cursor.key())
+        if not found or not key.startswith(prefix):
+            raise FailedPrecondition(f"model: {model!r} has no route change to roll back")
+        entry = ChangeEntry.from_dict(msgpack.unpackb(txn.get(key[len(prefix) :], db=self._log)))
+        return entry.before
+
+    def _entries(self, txn: lmdb.Transaction, model: str | None) -> Iterator[ChangeEntry]:
+        if model is None:
+            for _, value in txn.cursor(db=self._log):
+                yield ChangeEntry.from_dict(msgpack.unpackb(value))
+            return
+        prefix = model.encode() + _NUL
+        cursor = txn.cursor(db=self._by_model)
+        if not cursor.set_range(prefix):
+            return
+        for raw_key in cursor.iternext(values=False):
+            key = bytes(raw_key)
+            if not key.startswith(prefix):
+                return
+            yield ChangeEntry.from_dict(msgpack.unpackb(txn.get(key[len(prefix) :], db=self._log)))
+
+    def _version(self, txn: lmdb.Transaction) -> int:
+        value = txn.get(b"version", db=self._meta)
+        return 0 if value is None else int.from_bytes(value, "big")
+
+    @staticmethod
+    def _unpack(value: bytes | None) -> dict[str, Any] | None:
+        return None if value is None else cast(dict[str, Any], msgpack.unpackb(value))
