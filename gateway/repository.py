@@ -16,7 +16,7 @@ from typing import Any
 
 from gateway.batcher import MicroBatcher
 from gateway.config import GatewayConfig, ModelServingConfig
-from gateway.errors import ConfigError, NotFound, Unavailable
+from gateway.errors import ConfigError, GatewayError, NotFound, Unavailable
 from gateway.runtime import OnnxModel
 from gateway.stats import VersionStats
 from router.rules import version_order
@@ -93,7 +93,7 @@ class ModelVersion:
                 "inline" if inline else "threaded",
                 self.sha256[:12],
             )
-        except (ConfigError, tomllib.TOMLDecodeError, OSError) as e:
+        except (ConfigError, GatewayError, tomllib.TOMLDecodeError, OSError) as e:  # GatewayError: warm-up failed
             self.state, self.reason = "FAILED", str(e)
             log.error("model %s version %s failed to load: %s", self.name, self.version, e)
 

@@ -117,6 +117,36 @@ def heavy_graph(width: int = 64, hidden: int = 2048) -> onnx.GraphProto:
     )
 
 
+def failing_graph(width: int = 64) -> onnx.GraphProto:
+    """Same signature as `heavy_graph`; fails inside onnxruntime when an input value is 5 or more
+    (it indexes a 5-entry table with the largest input), so random warm-up inputs pass."""
+    table = numpy_helper.from_array(np.zeros(5, dtype=np.float32), "table")
+    return helper.make_graph(
+        [
+            helper.make_node("ReduceMax", ["x"], ["largest"], keepdims=0),
+            helper.make_node("Cast", ["largest"], ["index"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["table", "index"], ["offset"]),
+            helper.make_node("Add", ["x", "offset"], ["y"]),
+        ],
+        "failing",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        [table],
+    )
+
+
+def broken_graph() -> onnx.GraphProto:
+    """Loads, but every run fails (a [1, 4] input cannot be reshaped to [3, -1]): warm-up fails."""
+    shape = numpy_helper.from_array(np.array([3, -1], dtype=np.int64), "shape")
+    return helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "broken",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, "M"])],
+        [shape],
+    )
+
+
 PROVENANCE = """[provenance]
 training_commit = "abc123"
 data_version = "2026-11-01"
@@ -140,9 +170,14 @@ def build_repository(repo: Path) -> Path:
     # case micro-batching is for. The gateway fixture runs one inline and one on a thread.
     for name in ("wide_inline", "wide_thread"):
         _save(repo, name, "1", heavy_graph())
+    # A model with a fast primary, a slow candidate and a broken candidate: shadow tests.
+    _save(repo, "shadowed", "1", identity_graph("FP32", width=64))
+    _save(repo, "shadowed", "2", heavy_graph())
+    _save(repo, "shadowed", "3", failing_graph())
     return repo
 
 
 def build_heavy_repository(repo: Path) -> Path:
     _save(repo, "heavy", "1", heavy_graph())
+    _save(repo, "broken", "1", broken_graph())
     return repo

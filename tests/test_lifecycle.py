@@ -43,6 +43,15 @@ def test_not_ready_until_warm_up_ends(heavy_repository: Path, tmp_path: Path) ->
             assert "LOADING" in error.value.details()
             gateway.wait_ready()
             assert stub.ModelReady(pb.ModelReadyRequest(name="heavy")).ready
+            # A version whose warm-up fails is reported and never served; the gateway runs on.
+            assert not stub.ModelReady(pb.ModelReadyRequest(name="broken")).ready
+            assert "model broken version 1 failed to load" in gateway.log
+            broken = pb.ModelInferRequest(model_name="broken")
+            broken.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+            broken.raw_input_contents.append(bytes(16))
+            with pytest.raises(grpc.RpcError) as error:
+                stub.ModelInfer(broken)
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "FAILED" in error.value.details()
             status = health.Check(health_pb2.HealthCheckRequest(service="")).status
             assert status == health_pb2.HealthCheckResponse.SERVING
             assert stub.ModelInfer(request).model_version == "1"

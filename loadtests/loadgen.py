@@ -1,0 +1,336 @@
+"""Closed-loop gRPC load generator: N processes x M concurrent callers, one pre-serialized request.
+
+Why it looks like this: a Python client is cheap to run next to the server but must not become the
+thing measured. So the request body is serialized once and sent as bytes through a channel method
+with no serializers (the client pays no protobuf cost per call unless `check` asks it to parse the
+answer), every process runs uvloop, and processes scale the client past one core's GIL when cores
+allow. Because it sends bytes to any unary method path, the same generator drives the echo floor,
+the minimal V2 server and the gateway.
+
+Every run is bounded: a time-based warm-up excluded from the figures, then either a fixed duration
+or a fixed request count (cut off, and marked truncated, at `max_seconds`). Latencies go into one HDR
+histogram per process, merged exactly at the end; failures are counted by gRPC status code.
+
+    python loadtests/loadgen.py --target 127.0.0.1:8001 --concurrency 16 --duration 10 --cpu 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import multiprocessing
+import queue
+import sys
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+
+import grpc
+import uvloop
+from affinity import parse_cpus, pin
+from floor_server import MODEL_INFER
+from hdrh.histogram import HdrHistogram
+from latency import Latency, new_histogram, record_ns
+from models import MODEL_NAME, OutputCheck, build_infer_request
+
+INVALID_RESPONSE = "INVALID_RESPONSE"  # counted like a status code when `check` rejects an answer
+CONNECT_TIMEOUT_S = 30.0
+REPORT_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """One load run. Exactly one of `duration_s` and `requests` bounds the measured part."""
+
+    target: str
+    body: bytes
+    method: str = MODEL_INFER
+    concurrency: int = 16  # total closed-loop callers, spread over the processes
+    processes: int = 1
+    duration_s: float | None = 10.0
+    requests: int | None = None
+    warmup_s: float = 3.0
+    max_seconds: float = 300.0  # bounds a fixed-request-count run that the server cannot finish
+    rpc_timeout_s: float = 10.0
+    check: Callable[[bytes], bool] | None = None  # must be picklable: it travels to the processes
+    cpus: frozenset[int] | None = None  # pin the generator's processes here
+
+    def __post_init__(self) -> None:
+        if (self.duration_s is None) == (self.requests is None):
+            raise ValueError("give exactly one of duration_s and requests")
+        if self.concurrency < 1 or self.processes < 1:
+            raise ValueError("concurrency and processes must be at least 1")
+        if self.requests is not None and self.requests < 1:
+            raise ValueError("requests must be at least 1")
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    target: str
+    method: str
+    concurrency: int
+    processes: int
+    ok: int  # successful calls in the measured window
+    errors: dict[str, int]  # failed calls in the measured window, by status code name
+    elapsed_s: float  # the measured window
+    throughput: float  # successful calls per second in the measured window
+    latency: Latency  # of successful calls in the measured window
+    sent: int  # every call made, warm-up included
+    wall_s: float  # the whole run, warm-up included (longest process)
+    client_cpu_s: float  # CPU the generator's processes used during the whole run
+    truncated: bool  # a fixed-count run hit max_seconds before sending every request
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class _Report:
+    """What one generator process sends back (monotonic clock times are comparable across processes)."""
+
+    histogram: bytes
+    ok: int
+    errors: dict[str, int]
+    measure_start_ns: int
+    last_end_ns: int
+    sent: int
+    wall_s: float
+    cpu_s: float
+    truncated: bool
+
+
+class _ClosedLoop:
+    """The callers of one process and their shared tallies; one event loop, so no locks."""
+
+    def __init__(self, spec: LoadSpec, requests: int | None) -> None:
+        self.spec = spec
+        self.start_ns = time.monotonic_ns()
+        self.measure_start_ns = self.start_ns + int(spec.warmup_s * 1e9)
+        measured_s = spec.duration_s if spec.duration_s is not None else spec.max_seconds
+        self.stop_ns = self.measure_start_ns + int(measured_s * 1e9)
+        self.tickets = requests  # measured calls left to make; None in a fixed-duration run
+        self.histogram = new_histogram()
+        self.ok = 0
+        self.errors: Counter[str] = Counter()
+        self.sent = 0
+        self.last_end_ns = self.measure_start_ns
+        self.truncated = False
+
+    def _admit(self, now_ns: int) -> bool | None:
+        """May a caller send now? None: stop; False: yes, in the warm-up; True: yes, measured."""
+        if now_ns >= self.stop_ns:
+            self.truncated = bool(self.tickets)
+            return None
+        if now_ns < self.measure_start_ns:
+            return False
+        if self.tickets is None:
+            return True
+        if self.tickets == 0:
+            return None
+        self.tickets -= 1
+        return True
+
+    async def caller(self, call: grpc.aio.UnaryUnaryMultiCallable) -> None:
+        body, timeout, check = self.spec.body, self.spec.rpc_timeout_s, self.spec.check
+        while True:
+            start = time.monotonic_ns()
+            measured = self._admit(start)
+            if measured is None:
+                return
+            try:
+                response = await call(body, timeout=timeout)
+                status = None if check is None or check(response) else INVALID_RESPONSE
+            except grpc.aio.AioRpcError as e:
+                status = e.code().name
+            end = time.monotonic_ns()
+            self.sent += 1
+            if not measured:
+                continue
+            self.last_end_ns = max(self.last_end_ns, end)
+            if status is None:
+                self.ok += 1
+                record_ns(self.histogram, end - start)
+            else:
+                self.errors[status] += 1
+
+    def report(self, cpu_s: float) -> _Report:
+        return _Report(
+            histogram=self.histogram.encode(),
+            ok=self.ok,
+            errors=dict(self.errors),
+            measure_start_ns=self.measure_start_ns,
+            last_end_ns=self.last_end_ns,
+            sent=self.sent,
+            wall_s=(time.monotonic_ns() - self.start_ns) / 1e9,
+            cpu_s=cpu_s,
+            truncated=self.truncated,
+        )
+
+
+async def _drive(spec: LoadSpec, callers: int, requests: int | None, barrier: Barrier) -> _Report:
+    async with grpc.aio.insecure_channel(spec.target) as channel:
+        await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
+        call = channel.unary_unary(spec.method)  # no serializers: bytes in, bytes out
+        barrier.wait(CONNECT_TIMEOUT_S)  # every process starts its clock together
+        cpu_start = time.process_time()
+        loop = _ClosedLoop(spec, requests)
+        await asyncio.gather(*(loop.caller(call) for _ in range(callers)))
+        return loop.report(time.process_time() - cpu_start)
+
+
+def _process_main(
+    spec: LoadSpec, callers: int, requests: int | None, barrier: Barrier, results: Queue
+) -> None:
+    try:
+        pin(spec.cpus)
+        results.put(uvloop.run(_drive(spec, callers, requests, barrier)))
+    except BaseException:
+        barrier.abort()  # release the other processes instead of letting them wait out the timeout
+        results.put(traceback.format_exc())
+
+
+def _split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def _merge(spec: LoadSpec, processes: int, reports: list[_Report]) -> LoadResult:
+    histogram: HdrHistogram = new_histogram()
+    errors: Counter[str] = Counter()
+    for report in reports:
+        histogram.decode_and_add(report.histogram)
+        errors.update(report.errors)
+    ok = sum(r.ok for r in reports)
+    elapsed_s = (max(r.last_end_ns for r in reports) - min(r.measure_start_ns for r in reports)) / 1e9
+    return LoadResult(
+        target=spec.target,
+        method=spec.method,
+        concurrency=spec.concurrency,
+        processes=processes,
+        ok=ok,
+        errors=dict(errors),
+        elapsed_s=round(elapsed_s, 3),
+        throughput=round(ok / elapsed_s, 1) if elapsed_s > 0 else 0.0,
+        latency=Latency.of(histogram),
+        sent=sum(r.sent for r in reports),
+        wall_s=round(max(r.wall_s for r in reports), 3),
+        client_cpu_s=round(sum(r.cpu_s for r in reports), 3),
+        truncated=any(r.truncated for r in reports),
+    )
+
+
+def _collect(results: Queue, workers: Sequence[BaseProcess], deadline: float) -> list[_Report]:
+    """One report per worker; fail as soon as one reports a failure or dies without reporting."""
+    reports: list[_Report] = []
+    while len(reports) < len(workers):
+        try:
+            outcome = results.get(timeout=REPORT_POLL_S)
+        except queue.Empty:
+            dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+            if dead and results.empty():
+                raise RuntimeError(f"a load generator process died (exit code {dead[0]}) without reporting") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError("load generator processes did not report by their deadline") from None
+            continue
+        if isinstance(outcome, str):
+            raise RuntimeError(f"a load generator process failed:\n{outcome}")
+        reports.append(outcome)
+    return reports
+
+
+def run_load(spec: LoadSpec) -> LoadResult:
+    """Run the load described by `spec` in fresh processes and return the merged figures."""
+    # spawn, not fork: the caller may already hold grpc channels, whose threads do not survive a fork.
+    context = multiprocessing.get_context("spawn")
+    processes = min(spec.processes, spec.concurrency)
+    requests = _split(spec.requests, processes) if spec.requests is not None else [None] * processes
+    barrier = context.Barrier(processes)
+    results: Queue = context.Queue()
+    workers = [
+        context.Process(target=_process_main, args=(spec, callers, share, barrier, results), daemon=True)
+        for callers, share in zip(_split(spec.concurrency, processes), requests, strict=True)
+    ]
+    for worker in workers:
+        worker.start()
+    measured_s = spec.duration_s if spec.duration_s is not None else spec.max_seconds
+    deadline = time.monotonic() + 2 * CONNECT_TIMEOUT_S + spec.warmup_s + measured_s + spec.rpc_timeout_s
+    try:
+        reports = _collect(results, workers, deadline)
+    finally:
+        for worker in workers:
+            worker.join(timeout=5)
+            if worker.is_alive():
+                worker.terminate()
+    return _merge(spec, processes, reports)
+
+
+def format_result(result: LoadResult) -> str:
+    lat = result.latency
+    errors = ", ".join(f"{code} {n}" for code, n in sorted(result.errors.items())) or "none"
+    cpu = 100 * result.client_cpu_s / result.wall_s if result.wall_s else 0.0
+    return (
+        f"{result.target}{result.method}  concurrency {result.concurrency} in {result.processes} process(es)\n"
+        f"  throughput {result.throughput:.0f} req/s ({result.ok} ok in {result.elapsed_s:.2f} s"
+        f"{', TRUNCATED at max-seconds' if result.truncated else ''})\n"
+        f"  latency us: p50 {lat.p50_us}  p90 {lat.p90_us}  p99 {lat.p99_us}  max {lat.max_us}  mean {lat.mean_us}\n"
+        f"  errors: {errors}\n"
+        f"  client CPU {cpu:.0f}% of one core over {result.wall_s:.1f} s ({result.sent} calls incl. warm-up)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="closed-loop gRPC load generator (bytes in, bytes out)")
+    parser.add_argument("--target", required=True, help="host:port")
+    parser.add_argument("--method", default=MODEL_INFER, help=f"full method path (default {MODEL_INFER})")
+    body = parser.add_mutually_exclusive_group()
+    body.add_argument("--body", type=Path, help="file holding the serialized request (default: the MLP request)")
+    body.add_argument("--model", default=MODEL_NAME, help="model_name in the default MLP request")
+    parser.add_argument("--check", action="store_true", help="check every answer carries the MLP's expected output")
+    parser.add_argument("--concurrency", type=int, default=16, help="total closed-loop callers")
+    parser.add_argument("--processes", type=int, default=1)
+    bound = parser.add_mutually_exclusive_group()
+    bound.add_argument("--duration", type=float, default=10.0, help="measured seconds (default 10)")
+    bound.add_argument("--requests", type=int, help="measured request count")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load excluded from the figures")
+    parser.add_argument("--max-seconds", type=float, default=300.0, help="bound on a --requests run")
+    parser.add_argument("--timeout", type=float, default=10.0, help="per-call deadline in seconds")
+    parser.add_argument("--cpu", type=parse_cpus, help="pin the generator to these CPUs, e.g. 1")
+    parser.add_argument("--json", type=Path, help="also write the result to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.check and args.body is not None:
+        parser.error("--check knows only the MLP's answer; it cannot check a --body request")
+    spec = LoadSpec(
+        target=args.target,
+        body=args.body.read_bytes() if args.body is not None else build_infer_request(model_name=args.model),
+        method=args.method,
+        concurrency=args.concurrency,
+        processes=args.processes,
+        duration_s=None if args.requests is not None else args.duration,
+        requests=args.requests,
+        warmup_s=args.warmup,
+        max_seconds=args.max_seconds,
+        rpc_timeout_s=args.timeout,
+        check=OutputCheck() if args.check else None,
+        cpus=args.cpu,
+    )
+    result = run_load(spec)
+    print(format_result(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0 if result.ok and not result.errors and not result.truncated else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The benchmark model and the messages that carry it, defined once for every figure in loadtests/.
+
+Floors and gateway are only comparable if they run the same model on the same bytes: a 32-feature
+MLP (Gemm 32x64 -> Relu -> Gemm 64x16) with fixed weights (seed 0), small enough that transport and
+framework costs dominate, which is what the performance budget is about. A numpy forward pass of the
+same weights gives the expected answer, so a response can be checked without trusting onnxruntime.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from gateway.protocol import inference as pb
+
+MODEL_NAME = "mlp"
+MODEL_VERSION = "1"
+MODEL_FILE = "model.onnx"
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+FEATURES, HIDDEN, OUTPUTS = 32, 64, 16
+OPSET = 17
+IR_VERSION = 9  # old enough for any onnxruntime the gateway supports (>= 1.19)
+
+
+@dataclass(frozen=True)
+class MlpWeights:
+    w1: np.ndarray  # [FEATURES, HIDDEN]
+    b1: np.ndarray  # [HIDDEN]
+    w2: np.ndarray  # [HIDDEN, OUTPUTS]
+    b2: np.ndarray  # [OUTPUTS]
+
+
+def mlp_weights() -> MlpWeights:
+    rng = np.random.default_rng(0)
+
+    def layer(fan_in: int, fan_out: int) -> tuple[np.ndarray, np.ndarray]:
+        weight = rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)
+        bias = rng.standard_normal(fan_out) * 0.1
+        return weight.astype(np.float32), bias.astype(np.float32)
+
+    w1, b1 = layer(FEATURES, HIDDEN)
+    w2, b2 = layer(HIDDEN, OUTPUTS)
+    return MlpWeights(w1, b1, w2, b2)
+
+
+def build_mlp() -> onnx.ModelProto:
+    w = mlp_weights()
+    initializers = [
+        numpy_helper.from_array(array, name) for name, array in (("w1", w.w1), ("b1", w.b1), ("w2", w.w2), ("b2", w.b2))
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", [INPUT_NAME, "w1", "b1"], ["hidden"]),
+            helper.make_node("Relu", ["hidden"], ["activated"]),
+            helper.make_node("Gemm", ["activated", "w2", "b2"], [OUTPUT_NAME]),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", FEATURES])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", OUTPUTS])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    onnx.checker.check_model(model)
+    return model
+
+
+def build_repository(root: Path | None = None) -> Path:
+    """Write `<root>/mlp/1/model.onnx` (root: a new temporary directory by default); return root."""
+    root = Path(tempfile.mkdtemp(prefix="loadtests-repo-")) if root is None else root
+    version_dir = root / MODEL_NAME / MODEL_VERSION
+    version_dir.mkdir(parents=True, exist_ok=True)
+    onnx.save(build_mlp(), version_dir / MODEL_FILE)
+    return root
+
+
+def model_path(repository: Path) -> Path:
+    return repository / MODEL_NAME / MODEL_VERSION / MODEL_FILE
+
+
+def open_session(path: Path) -> ort.InferenceSession:
+    """A session configured as gateway/runtime.py configures its own, so floors pay the same model cost."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def sample_input(batch: int = 1) -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((batch, FEATURES)).astype(np.float32)
+
+
+def reference_output(x: np.ndarray) -> np.ndarray:
+    """The MLP in numpy: what every server must answer for `x`."""
+    w = mlp_weights()
+    hidden = np.maximum(x @ w.w1 + w.b1, 0.0)
+    return (hidden @ w.w2 + w.b2).astype(np.float32)
+
+
+def build_infer_request(batch: int = 1, model_name: str = MODEL_NAME) -> bytes:
+    """A serialized ModelInferRequest for `sample_input(batch)`, sent as raw_input_contents."""
+    x = sample_input(batch)
+    request = pb.ModelInferRequest(model_name=model_name)
+    request.inputs.add(name=INPUT_NAME, datatype="FP32", shape=x.shape)
+    request.raw_input_contents.append(x.tobytes())
+    return request.SerializeToString()
+
+
+def build_infer_response(output: np.ndarray, model_name: str, model_version: str, id: str) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=model_name, model_version=model_version, id=id)
+    response.outputs.add(name=OUTPUT_NAME, datatype="FP32", shape=output.shape)
+    response.raw_output_contents.append(output.tobytes())
+    return response
+
+
+class OutputCheck:
+    """Does a serialized ModelInferResponse carry the expected output? Picklable, so load-generator
+    processes can receive it."""
+
+    def __init__(self, batch: int = 1) -> None:
+        self.expected = reference_output(sample_input(batch))
+
+    def __call__(self, body: bytes) -> bool:
+        response = pb.ModelInferResponse.FromString(body)
+        if len(response.outputs) != 1 or len(response.raw_output_contents) != 1:
+            return False
+        raw = response.raw_output_contents[0]
+        if tuple(response.outputs[0].shape) != self.expected.shape or len(raw) != self.expected.nbytes:
+            return False
+        output = np.frombuffer(raw, dtype=np.float32).reshape(self.expected.shape)
+        # Batched execution may reorder float sums, so compare with a tolerance rather than bytes.
+        return bool(np.allclose(output, self.expected, rtol=1e-4, atol=1e-5))

@@ -1,0 +1,245 @@
+"""Routing on a live gateway, changed through the admin API: weighted and sticky splits, shadows
+that never hurt the primary, atomic changes under load, roles, and persistence across restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from conftest import GatewayProcess
+
+from gateway.protocol import Stub, admin
+from gateway.protocol import inference as pb
+from gateway.requestlog.reader import LogReader
+
+CONFIG = '[shadows]\nmax_concurrency = 2\n[models.shadowed]\nexecution = "thread"\n'
+
+
+@pytest.fixture(scope="module")
+def live(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    gateway = GatewayProcess(repository, CONFIG, tmp_path_factory.mktemp("routing"))
+    gateway.wait_ready()
+    yield gateway
+    assert gateway.stop() == 0, gateway.log
+
+
+def _admin_token(gateway: GatewayProcess) -> str:
+    return (gateway.state_dir / "admin.token").read_text().strip()
+
+
+class Admin:
+    def __init__(self, gateway: GatewayProcess, token: str | None = None) -> None:
+        self._channel = grpc.insecure_channel(gateway.address)
+        self._stub = Stub(self._channel, admin.AdminService)
+        self._metadata = [("authorization", f"Bearer {token or _admin_token(gateway)}")]
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._stub, name)
+        return lambda request: method(request, metadata=self._metadata, timeout=10)
+
+
+def _shares(text: str) -> list[Any]:
+    return [admin.VersionShare(version=v, bps=int(b)) for v, b in (p.split("=") for p in text.split())]
+
+
+def _split(ops: Admin, model: str, text: str, reason: str = "test") -> Any:
+    return ops.SetSplit(admin.SetSplitRequest(model=model, split=_shares(text), reason=reason))
+
+
+def _mlp(request_id: str = "", version: str = "") -> Any:
+    request = pb.ModelInferRequest(model_name="mlp", model_version=version, id=request_id)
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 32])
+    request.raw_input_contents.append(np.ones((1, 32), dtype=np.float32).tobytes())
+    return request
+
+
+async def _versions(address: str, count: int, metadata: list[tuple[str, str]] | None = None) -> list[str]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = Stub(channel)
+        semaphore = asyncio.Semaphore(32)
+
+        async def one() -> str:
+            async with semaphore:
+                return str((await stub.ModelInfer(_mlp(), metadata=metadata)).model_version)
+
+        return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+def test_weighted_split_lands_within_three_sigma(live: GatewayProcess) -> None:
+    ops = Admin(live)
+    _split(ops, "mlp", "1=9000 2=1000")
+    n = 6000
+    counts = Counter(asyncio.run(_versions(live.address, n)))
+    sigma = math.sqrt(n * 0.1 * 0.9)
+    assert abs(counts["2"] - n * 0.1) < 3 * sigma, counts
+    assert counts["1"] + counts["2"] == n
+
+
+def test_sticky_keys_stay_on_their_version(live: GatewayProcess) -> None:
+    ops = Admin(live)
+    _split(ops, "mlp", "1=5000 2=5000")
+    ops.SetSticky(admin.SetStickyRequest(model="mlp", sticky_key="x-user-id", reason="sticky test"))
+    seen: dict[str, set[str]] = {}
+    for user in range(40):
+        versions = asyncio.run(_versions(live.address, 5, [("x-user-id", f"user-{user}")]))
+        seen[f"user-{user}"] = set(versions)
+    assert all(len(v) == 1 for v in seen.values()), seen
+    assert {v for vs in seen.values() for v in vs} == {"1", "2"}  # 40 keys at 50/50 use both
+    ops.SetSticky(admin.SetStickyRequest(model="mlp", sticky_key="", reason="end of sticky test"))
+
+
+def test_slow_or_failing_shadows_never_touch_the_primary(live: GatewayProcess) -> None:
+    ops = Admin(live)
+    _split(ops, "shadowed", "1=10000")
+    ops.SetShadows(admin.SetShadowsRequest(model="shadowed", shadows=_shares("2=10000 3=10000"), reason="shadow test"))
+
+    async def burst() -> list[Any]:
+        async with grpc.aio.insecure_channel(live.address) as channel:
+            stub = Stub(channel)
+            calls = []
+            for i in range(60):
+                request = pb.ModelInferRequest(model_name="shadowed", id=f"shadow-{i}")
+                request.inputs.add(name="x", datatype="FP32", shape=[1, 64])
+                request.raw_input_contents.append(np.full((1, 64), i, dtype=np.float32).tobytes())
+                calls.append(stub.ModelInfer(request, timeout=30))
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    responses = asyncio.run(burst())
+    for i, response in enumerate(responses):
+        assert not isinstance(response, BaseException), response
+        assert response.model_version == "1"
+        np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], dtype=np.float32), i)
+    time.sleep(2)  # let the admitted shadows finish
+    stats = {s.shadow_version: s for s in ops.Agreement(admin.AgreementRequest(model="shadowed")).stats}
+    assert stats["2"].shed + stats["3"].shed > 0  # concurrency 2 cannot take 120 shadow calls at once
+    assert stats["3"].failed > 0 and stats["3"].agreed == 0
+    assert stats["2"].compared + stats["2"].shed == 60
+    reader = LogReader(live.state_dir / "log")
+    linked = [r for r in reader.get("shadow-0") if r.role == "shadow"] + [
+        r for i in range(60) for r in reader.get(f"shadow-{i}") if r.role == "shadow"
+    ]
+    assert linked and all(r.primary_id and r.primary_id.startswith("shadow-") for r in linked)
+    ops.SetShadows(admin.SetShadowsRequest(model="shadowed", shadows=[], reason="end of shadow test"))
+
+
+def test_fifty_changes_under_load_fail_nothing_and_never_mix(live: GatewayProcess) -> None:
+    ops = Admin(live)
+    _split(ops, "mlp", "1=10000")
+    changes: list[tuple[float, float, str]] = []  # (started, finished, version taking all traffic)
+    answers: list[tuple[float, float, str]] = []  # (sent, received, version that answered)
+    errors: list[BaseException] = []
+
+    async def load(stop: asyncio.Event) -> None:
+        async with grpc.aio.insecure_channel(live.address) as channel:
+            stub = Stub(channel)
+
+            async def worker() -> None:
+                while not stop.is_set():
+                    sent = time.monotonic()
+                    try:
+                        response = await stub.ModelInfer(_mlp(), timeout=10)
+                    except grpc.aio.AioRpcError as e:
+                        errors.append(e)
+                        continue
+                    answers.append((sent, time.monotonic(), response.model_version))
+
+            await asyncio.gather(*(worker() for _ in range(8)))
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        traffic = asyncio.ensure_future(load(stop))
+        for i in range(50):
+            version = "2" if i % 2 == 0 else "1"
+            started = time.monotonic()
+            await asyncio.to_thread(_split, ops, "mlp", f"{version}=10000", f"flip {i}")
+            changes.append((started, time.monotonic(), version))
+            await asyncio.sleep(0.02)
+        stop.set()
+        await traffic
+
+    asyncio.run(run())
+    assert errors == []
+    assert len(answers) > 100
+    checked = 0
+    for sent, received, version in answers:
+        # A request sent after change k finished and answered before change k+1 started saw table k.
+        for k, (_, finished, expected) in enumerate(changes):
+            next_start = changes[k + 1][0] if k + 1 < len(changes) else math.inf
+            if finished < sent and received < next_start:
+                assert version == expected
+                checked += 1
+    assert checked > 0
+
+
+def test_roles_and_refused_changes_leave_everything_unchanged(live: GatewayProcess) -> None:
+    ops = Admin(live)
+    _split(ops, "mlp", "1=8000 2=2000", reason="baseline")
+    viewer_token = ops.CreateToken(admin.CreateTokenRequest(role="viewer", name="test-viewer")).token
+    viewer = Admin(live, viewer_token)
+    assert viewer.WhoAmI(admin.WhoAmIRequest()).role == "viewer"
+    assert len(viewer.GetRoutes(admin.GetRoutesRequest(model="mlp")).routes) == 1
+    before = ops.GetRoutes(admin.GetRoutesRequest(model="mlp"))
+    history = ops.History(admin.HistoryRequest(model="mlp")).entries
+    for caller, request, code in [
+        (viewer, "1=5000 2=5000", grpc.StatusCode.PERMISSION_DENIED),
+        (Admin(live, "cgw_not-a-token"), "1=5000 2=5000", grpc.StatusCode.UNAUTHENTICATED),
+        (ops, "1=5000 2=4000", grpc.StatusCode.INVALID_ARGUMENT),
+        (ops, "1=5000 7=5000", grpc.StatusCode.FAILED_PRECONDITION),
+    ]:
+        with pytest.raises(grpc.RpcError) as error:
+            _split(caller, "mlp", request)
+        assert error.value.code() == code, error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        _split(ops, "mlp", "1=5000 2=5000", reason=" ")
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "reason" in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        viewer.CreateToken(admin.CreateTokenRequest(role="admin", name="escalate"))
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert ops.GetRoutes(admin.GetRoutesRequest(model="mlp")) == before
+    assert ops.History(admin.HistoryRequest(model="mlp")).entries == history
+    assert history[-1].who == "bootstrap-admin" and history[-1].why == "baseline"
+
+
+def test_pinning_policy_and_override_header(live: GatewayProcess) -> None:
+    ops = Admin(live)
+    _split(ops, "mlp", "1=10000")
+    ops.SetPinPolicy(admin.SetPinPolicyRequest(model="mlp", allow_pinning=False, reason="no pinning"))
+    with grpc.insecure_channel(live.address) as channel:
+        stub = Stub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelInfer(_mlp(version="2"))
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        operator = [("authorization", f"Bearer {_admin_token(live)}"), ("x-route-version", "2")]
+        assert stub.ModelInfer(_mlp(), metadata=operator).model_version == "2"
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelInfer(_mlp(), metadata=[("x-route-version", "2")])
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    ops.SetPinPolicy(admin.SetPinPolicyRequest(model="mlp", allow_pinning=True, reason="pinning back"))
+
+
+def test_routes_and_history_survive_a_restart(repository: Path, tmp_path: Path) -> None:
+    gateway = GatewayProcess(repository, None, tmp_path)
+    gateway.wait_ready()
+    ops = Admin(gateway)
+    _split(ops, "mlp", "1=7500 2=2500", reason="before restart")
+    ops.Promote(admin.PromoteRequest(model="mlp", version="2", reason="promote"))
+    ops.Rollback(admin.RollbackRequest(model="mlp", reason="roll back"))
+    assert gateway.stop() == 0
+    restarted = GatewayProcess(repository, None, tmp_path)
+    try:
+        restarted.wait_ready()
+        ops = Admin(restarted)
+        [route] = ops.GetRoutes(admin.GetRoutesRequest(model="mlp")).routes
+        assert [(s.version, s.bps) for s in route.split] == [("1", 7500), ("2", 2500)]
+        actions = [e.action for e in ops.History(admin.HistoryRequest(model="mlp")).entries]
+        assert actions == ["split", "promote", "rollback"]
+    finally:
+        assert restarted.stop() == 0
