@@ -9,8 +9,10 @@ The batcher therefore waits for company, but only where waiting has been seen to
   `PROBE_INTERVAL_S` one request waits up to `max_batch_wait_us` to see whether another arrives.
 * Batching mode (entered when a wait gathered more than one request): requests queue until the
   target batch size is reached or `max_batch_wait_us` has passed. Reaching the target raises it
-  by one (explore); a timeout sets it to what the wait gathered. Two waits in a row that gather
-  nobody return to idle mode, so a drop in load stops costing latency at once.
+  by one (explore); a timeout sets it to what the wait gathered and holds it there for the next
+  64 batches (so a target one above the number of callers does not make every other batch wait
+  out the timeout). Two waits in a row that gather nobody return to idle mode, so a drop in load
+  stops costing latency at once.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ Feeds = dict[str, np.ndarray]
 _Results = list[list[np.ndarray] | GatewayError]  # per request of a batch: its outputs or its error
 PROBE_INTERVAL_S = 0.2
 IDLE_AFTER_EMPTY_WAITS = 2
+EXPLORE_HOLD_BATCHES = 64
 
 
 class _Pending:
@@ -67,6 +70,8 @@ class MicroBatcher:
         self._target = 2
         self._empty_waits = 0
         self._next_probe = 0.0
+        self._batches = 0  # batches that reached their target
+        self._explore_after = 0
 
     @property
     def inline(self) -> bool:
@@ -100,7 +105,9 @@ class MicroBatcher:
             self._timer = loop.call_later(self._max_wait_s, self._on_timeout)
         elif self._queued_rows >= min(self._target, self._max_rows):
             self._batching, self._empty_waits = True, 0
-            self._target = min(self._target + 1, self._max_rows)
+            self._batches += 1
+            if self._batches >= self._explore_after:
+                self._target = min(self._target + 1, self._max_rows)
             self._flush()
         return await pending.future
 
@@ -111,6 +118,9 @@ class MicroBatcher:
         if gathered > 1:
             self._batching, self._empty_waits = True, 0
             self._target = max(2, min(self._queued_rows, self._max_rows))
+            # The target overshot what arrives in one wait: hold it for a while before exploring again,
+            # or every other batch would sit out the full wait.
+            self._explore_after = self._batches + EXPLORE_HOLD_BATCHES
         else:
             self._empty_waits += 1
             if self._empty_waits >= IDLE_AFTER_EMPTY_WAITS:

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from gateway import admin_cli
 from gateway import config as config_module
 from gateway.errors import ConfigError
 from gateway.requestlog import commands as log_commands
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     log_commands.add_parser(commands)
+    admin_cli.add_parsers(commands)
     return parser
 
 

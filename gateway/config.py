@@ -42,7 +42,7 @@ class ModelServingConfig:
     """Per-model serving policy; `[model_defaults]` applies to all, `[models.NAME]` overrides."""
 
     max_batch_size: int = 64
-    max_batch_wait_us: int = 1000
+    max_batch_wait_us: int = 2000
     execution: Execution = "auto"
     inline_threshold_us: int = 1000
     reject_non_finite: bool = False

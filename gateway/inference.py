@@ -249,4 +249,4 @@ class InferenceService:
     async def _commit(self, record: Record, start_ns: int) -> None:
         record.latency_ns = time.perf_counter_ns() - start_ns
         if self._log is not None:
-            await self._log.append(record)
+            await self._log.commit(record)

@@ -113,7 +113,7 @@ class ShadowRunner:
         record.latency_ns = time.perf_counter_ns() - start
         if self._log is not None:
             try:
-                await self._log.append(record)
+                await self._log.commit(record)
             except GatewayError as error:
                 log.warning("shadow record %s not logged: %s", record.id, error.message)
 

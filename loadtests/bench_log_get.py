@@ -32,7 +32,7 @@ async def build(log_dir: Path, count: int, chunk: int = 2000) -> float:
             Record(f"req-{i}", time.time_ns(), "mlp", "1", inputs=[Tensor("input", "FP32", [1, 32], FEATURES)])
             for i in range(first, min(first + chunk, count))
         ]
-        await asyncio.gather(*(writer.append(r) for r in records))
+        await asyncio.gather(*(writer.commit(r) for r in records))
     await writer.close()
     return time.perf_counter() - start
 

@@ -167,7 +167,7 @@ def _records(count: int, start: int = 0, payload: int = 256) -> list[Record]:
 
 async def _write(writer: LogWriter, records: list[Record], chunk: int = 50) -> None:
     for i in range(0, len(records), chunk):
-        await asyncio.gather(*(writer.append(r) for r in records[i : i + chunk]))
+        await asyncio.gather(*(writer.commit(r) for r in records[i : i + chunk]))
 
 
 def test_rotation_loses_and_duplicates_nothing(tmp_path: Path) -> None:

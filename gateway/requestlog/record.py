@@ -79,7 +79,7 @@ _TENSOR_FIELDS = ("inputs", "outputs")
 
 def encode(record: Record) -> bytes:
     """A msgpack map of the record's fields (tensors as [name, datatype, shape, bytes]) plus `v`."""
-    values: dict[str, Any] = {name: getattr(record, name) for name in _FIELDS}
+    values: dict[str, Any] = dict(vars(record))
     for name in _TENSOR_FIELDS:
         values[name] = [[t.name, t.datatype, t.shape, t.data] for t in values[name]]
     values["v"] = FORMAT_VERSION
