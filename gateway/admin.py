@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from gateway.auth import Identity, Role, TokenStore, require
-from gateway.errors import GatewayError, InvalidArgument
+from gateway.errors import ConfigError, FailedPrecondition, GatewayError, InvalidArgument, NotFound, Unavailable
 from gateway.protocol import admin as pb
 from gateway.repository import ModelRepository
 from gateway.requestlog.reader import LogReader, Query
@@ -73,7 +73,10 @@ class AdminServicer:
         self._log = log_reader
 
     def _caller(self, context: grpc.aio.ServicerContext, role: Role, action: str) -> Identity:
-        self._tokens.refresh()  # tokens created or revoked by another process
+        try:
+            self._tokens.refresh()  # tokens created or revoked by another process
+        except ConfigError as e:
+            raise Unavailable(f"the tokens file cannot be read: {e}") from e
         identity = self._tokens.authenticate(dict(context.invocation_metadata() or ()).get("authorization"))
         require(identity, role, action)
         return identity
@@ -104,7 +107,7 @@ class AdminServicer:
     ) -> Any:
         try:
             identity = self._caller(context, "operator", f"{action} on {model!r}")
-            self._repository.ready_versions(model)  # NOT_FOUND for an unknown model
+            self._known(model, required=True)
             if not reason.strip():
                 raise InvalidArgument("reason: required; say why you change the route")
             entry = edit(identity)
@@ -136,9 +139,17 @@ class AdminServicer:
             return pb.GetRoutesResponse()
         return pb.GetRoutesResponse(routes=routes, table_version=self._routes.table.version)
 
+    def _known(self, model: str, required: bool = False) -> None:
+        """NOT_FOUND for a model the repository does not have; an empty name means all, where allowed."""
+        if not model and required:
+            raise InvalidArgument("model: required")
+        if model and model not in self._repository.models:
+            raise NotFound(f"model: unknown model {model!r}")
+
     async def History(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             self._caller(context, "viewer", "History")
+            self._known(request.model)
             r = request
             entries = self._routes.history(r.model or None, r.since_ns or None, r.until_ns or None)
         except GatewayError as e:
@@ -150,6 +161,7 @@ class AdminServicer:
     async def Agreement(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             self._caller(context, "viewer", "Agreement")
+            self._known(request.model)
         except GatewayError as e:
             reject(context, "Admin.Agreement", e)
             return pb.AgreementResponse()
@@ -194,7 +206,7 @@ class AdminServicer:
             r.model or None,
             r.version or None,
             r.role or None,
-            None if r.status < 0 else r.status,
+            r.status if r.HasField("status") else None,
             None,
             r.since_ns or None,
             r.until_ns or None,
@@ -276,6 +288,11 @@ class AdminServicer:
     async def RevokeToken(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             self._caller(context, "admin", "RevokeToken")
+            admins = [t.name for t in self._tokens.records if t.role == "admin"]
+            if admins == [request.name]:
+                raise FailedPrecondition(
+                    f"name: {request.name!r} is the last admin token; create another admin token first"
+                )
             self._tokens.revoke(request.name)
         except GatewayError as e:
             reject(context, "Admin.RevokeToken", e)

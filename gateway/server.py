@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = protocol.inference.GRPCInferenceService.full_name
 ADMIN_SERVICE = protocol.admin.AdminService.full_name
+WATCH_INTERVAL_S = 1.0
 
 
 class Gateway:
@@ -83,6 +84,17 @@ class Gateway:
         for service in ("", INFERENCE_SERVICE):
             await self.health.set(service, status)
 
+    async def _watch_changes(self) -> None:
+        """Pick up route edits and token changes made by other processes (the CLI on the state dir)."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            try:
+                if self.routes.refresh():
+                    log.info("route table changed on disk: now version %d", self.routes.table.version)
+                self.tokens.refresh()
+            except Exception:
+                log.exception("cannot refresh routes or tokens; keeping the current ones")
+
     async def run(self, stop: asyncio.Event) -> None:
         await self._set_serving(False)
         await self.server.start()
@@ -99,7 +111,9 @@ class Gateway:
             loading.result()
             await self._set_serving(self.repository.ready)
             log.info("ready: %d model versions loaded", sum(v.ready for v in self.repository.all_versions()))
+        watching = asyncio.create_task(self._watch_changes())
         await stopping
+        watching.cancel()
         log.info("draining: stop accepting, finishing in-flight calls (grace %.1fs)", self.config.server.grace_period_s)
         await self._set_serving(False)
         await self.server.stop(self.config.server.grace_period_s)

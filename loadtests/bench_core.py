@@ -244,9 +244,18 @@ def columns(concurrency: int) -> list[tuple[str, str]]:
     """(heading, format) of each table column."""
     c = f"c{concurrency}"
     return [
-        (f"req/s {c}", ".0f"), ("x echo", ".2f"), ("x minV2", ".2f"), (f"p50 {c}", ".0f"), (f"p99 {c}", ".0f"),
-        ("p50 c1", ".0f"), ("p99 c1", ".0f"), ("srv us/req", ".1f"), ("cpu x echo", ".2f"),
-        ("srv busy", ".0%"), ("cli busy", ".0%"), ("errors", ".0f"),
+        (f"req/s {c}", ".0f"),
+        ("x echo", ".2f"),
+        ("x minV2", ".2f"),
+        (f"p50 {c}", ".0f"),
+        (f"p99 {c}", ".0f"),
+        ("p50 c1", ".0f"),
+        ("p99 c1", ".0f"),
+        ("srv us/req", ".1f"),
+        ("cpu x echo", ".2f"),
+        ("srv busy", ".0%"),
+        ("cli busy", ".0%"),
+        ("errors", ".0f"),
     ]
 
 
@@ -263,19 +272,34 @@ class Round:
         table: Table = {
             # Direct calls have no concurrency; their latency is one run's, shown under c1.
             "onnxruntime direct": [
-                direct.calls_per_s, direct.calls_per_s / echo.load.throughput,
-                direct.calls_per_s / minimal.load.throughput, None, None,
-                direct.latency.p50_us, direct.latency.p99_us, direct.us_per_call,
-                echo.server_us_per_request / direct.us_per_call, None, None, None,
+                direct.calls_per_s,
+                direct.calls_per_s / echo.load.throughput,
+                direct.calls_per_s / minimal.load.throughput,
+                None,
+                None,
+                direct.latency.p50_us,
+                direct.latency.p99_us,
+                direct.us_per_call,
+                echo.server_us_per_request / direct.us_per_call,
+                None,
+                None,
+                None,
             ]
         }
         for label, figures in self.servers.items():
             high, one = figures.high, figures.one
             table[label] = [
-                high.load.throughput, high.load.throughput / echo.load.throughput,
-                high.load.throughput / minimal.load.throughput, high.load.latency.p50_us, high.load.latency.p99_us,
-                one.load.latency.p50_us, one.load.latency.p99_us, high.server_us_per_request,
-                echo.server_us_per_request / high.server_us_per_request, high.server_util, high.client_util,
+                high.load.throughput,
+                high.load.throughput / echo.load.throughput,
+                high.load.throughput / minimal.load.throughput,
+                high.load.latency.p50_us,
+                high.load.latency.p99_us,
+                one.load.latency.p50_us,
+                one.load.latency.p99_us,
+                high.server_us_per_request,
+                echo.server_us_per_request / high.server_us_per_request,
+                high.server_util,
+                high.client_util,
                 sum(high.load.errors.values()) + sum(one.load.errors.values()),
             ]
         return table
@@ -315,8 +339,10 @@ def format_table(table: Table, concurrency: int) -> str:
         values = zip(table[row], (fmt for _, fmt in cols), strict=True)
         cells.append([row, *("-" if v is None else format(v, fmt) for v, fmt in values)])
     widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
-    lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))
-             for r in cells]
+    lines = [
+        "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+        for r in cells
+    ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
@@ -347,8 +373,14 @@ def run_round(args: argparse.Namespace, placement: Placement, workdir: Path, rep
             points = []
             for concurrency in (args.concurrency, 1):
                 spec = LoadSpec(
-                    target=server.target, body=body, concurrency=concurrency, processes=args.processes,
-                    duration_s=args.duration, requests=args.requests, warmup_s=args.warmup, cpus=placement.client_cpus,
+                    target=server.target,
+                    body=body,
+                    concurrency=concurrency,
+                    processes=args.processes,
+                    duration_s=args.duration,
+                    requests=args.requests,
+                    warmup_s=args.warmup,
+                    cpus=placement.client_cpus,
                 )
                 point = server.drive(spec)
                 points.append(point)

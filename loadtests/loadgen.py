@@ -186,9 +186,7 @@ async def _drive(spec: LoadSpec, callers: int, requests: int | None, barrier: Ba
         return loop.report(time.process_time() - cpu_start)
 
 
-def _process_main(
-    spec: LoadSpec, callers: int, requests: int | None, barrier: Barrier, results: Queue
-) -> None:
+def _process_main(spec: LoadSpec, callers: int, requests: int | None, barrier: Barrier, results: Queue) -> None:
     try:
         pin(spec.cpus)
         results.put(uvloop.run(_drive(spec, callers, requests, barrier)))

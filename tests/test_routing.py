@@ -206,6 +206,12 @@ def test_roles_and_refused_changes_leave_everything_unchanged(live: GatewayProce
     assert ops.GetRoutes(admin.GetRoutesRequest(model="mlp")) == before
     assert ops.History(admin.HistoryRequest(model="mlp")).entries == history
     assert history[-1].who == "bootstrap-admin" and history[-1].why == "baseline"
+    with pytest.raises(grpc.RpcError) as error:  # no lock-out: the last admin token stays
+        ops.RevokeToken(admin.RevokeTokenRequest(name="bootstrap-admin"))
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as error:
+        ops.History(admin.HistoryRequest(model="nope"))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND and "model: unknown model 'nope'" in error.value.details()
 
 
 def test_pinning_policy_and_override_header(live: GatewayProcess) -> None:
