@@ -18,6 +18,7 @@ The batcher therefore waits for company, but only where waiting has been seen to
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -210,7 +211,7 @@ class MicroBatcher:
             error = ModelExecutionError("model output batch dimension does not match its input batch")
             results = [error for _ in batch]
         else:
-            offsets = np.cumsum(rows)
+            offsets = itertools.accumulate(rows)  # plain ints: np.cumsum costs more for a handful
             results = [[o[end - n : end] for o in merged] for n, end in zip(rows, offsets, strict=True)]
         done_at = time.perf_counter_ns()
         for p in batch:

@@ -27,7 +27,7 @@ def _datatype(name: str, declared: str) -> DataType:
 
 
 def _shape(name: str, shape: list[int]) -> tuple[int, ...]:
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise InvalidArgument(f"inputs[{name}].shape: negative dimension in {list(shape)}")
     return tuple(shape)
 
