@@ -71,6 +71,11 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    port: int = 0  # 0: the admin API shares the inference port
+
+
+@dataclass(frozen=True)
 class ShadowConfig:
     max_concurrency: int = 4  # shadow calls running at once; more are shed and counted
 
@@ -83,6 +88,7 @@ class GatewayConfig:
     models: dict[str, ModelServingConfig] = field(default_factory=dict)
     log: LogConfig = field(default_factory=LogConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     shadows: ShadowConfig = field(default_factory=ShadowConfig)
 
     def serving(self, model: str) -> ModelServingConfig:

@@ -49,35 +49,44 @@ class Gateway:
         self.service = InferenceService(self.repository, self.request_log, self.routes, self.shadows)
         live = self.request_log.live_segment if self.request_log is not None else None
         self.log_reader = LogReader(config.log_dir, live=live)
-        limit = config.server.max_message_bytes
-        self.server = grpc.aio.server(
+        self.server, self.port = self._listen(config.server.port)
+        protocol.add_service(
+            self.server,
+            protocol.inference.GRPCInferenceService,
+            InferenceServicer(self.repository, self.service, self.tokens, config.auth.inference == "token"),
+        )
+        admin = AdminServicer(self.repository, self.routes, self.tokens, self.shadows, self.log_reader)
+        # The operator API shares the inference port unless admin.port names its own (e.g. a port
+        # that only the operators' network reaches).
+        self.admin_server, self.admin_port = (
+            self._listen(config.admin.port) if config.admin.port else (self.server, self.port)
+        )
+        protocol.add_service(self.admin_server, protocol.admin.AdminService, admin)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(
+            services + ([ADMIN_SERVICE] if self.admin_server is self.server else []), self.server, pool=protocol.POOL
+        )
+        if self.admin_server is not self.server:
+            reflection.enable_server_reflection(
+                [ADMIN_SERVICE, reflection.SERVICE_NAME], self.admin_server, pool=protocol.POOL
+            )
+
+    def _listen(self, port: int) -> tuple[grpc.aio.Server, int]:
+        limit = self.config.server.max_message_bytes
+        server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),  # a second gateway on the same port is a mistake, not a peer
             ]
         )
-        protocol.add_service(
-            self.server,
-            protocol.inference.GRPCInferenceService,
-            InferenceServicer(self.repository, self.service, self.tokens, config.auth.inference == "token"),
-        )
-        protocol.add_service(
-            self.server,
-            protocol.admin.AdminService,
-            AdminServicer(self.repository, self.routes, self.tokens, self.shadows, self.log_reader),
-        )
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [INFERENCE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME],
-            self.server,
-            pool=protocol.POOL,
-        )
-        address = f"{config.server.host}:{config.server.port}"
-        self.port = self.server.add_insecure_port(address)
-        if self.port == 0:
+        address = f"{self.config.server.host}:{port}"
+        bound = server.add_insecure_port(address)
+        if bound == 0:
             raise OSError(f"cannot listen on {address}")
+        return server, bound
 
     async def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -99,6 +108,9 @@ class Gateway:
         await self._set_serving(False)
         await self.server.start()
         log.info("listening on %s:%d", self.config.server.host, self.port)
+        if self.admin_server is not self.server:
+            await self.admin_server.start()
+            log.info("admin API listening on %s:%d", self.config.server.host, self.admin_port)
         if self.request_log is not None:
             log.info("request log in %s (sync=%s)", self.config.log_dir, self.config.log.sync)
         token_path = self.tokens.bootstrap(self.config.server.state_dir)
@@ -117,6 +129,8 @@ class Gateway:
         log.info("draining: stop accepting, finishing in-flight calls (grace %.1fs)", self.config.server.grace_period_s)
         await self._set_serving(False)
         await self.server.stop(self.config.server.grace_period_s)
+        if self.admin_server is not self.server:
+            await self.admin_server.stop(self.config.server.grace_period_s)
         if not loading.done():
             await loading  # let warm-up finish so its thread does not outlive the sessions
         await self.shadows.drain()

@@ -19,6 +19,7 @@ from conftest import GatewayProcess
 from gateway.protocol import Stub, admin
 from gateway.protocol import inference as pb
 from gateway.requestlog.reader import LogReader
+from gateway.requestlog.record import decode
 
 CONFIG = '[shadows]\nmax_concurrency = 2\n[models.shadowed]\nexecution = "thread"\n'
 
@@ -249,3 +250,43 @@ def test_routes_and_history_survive_a_restart(repository: Path, tmp_path: Path) 
         assert actions == ["split", "promote", "rollback"]
     finally:
         assert restarted.stop() == 0
+
+
+def test_admin_api_reads_the_request_log(live: GatewayProcess) -> None:
+    ops = Admin(live)
+    with grpc.insecure_channel(live.address) as channel:
+        Stub(channel).ModelInfer(_mlp("admin-log-1"))
+    response = ops.GetLogRecords(admin.GetLogRecordsRequest(request_ids=["admin-log-1", "never-sent"]))
+    [record] = [decode(r.msgpack) for r in response.records]
+    assert (record.id, record.model, record.status) == ("admin-log-1", "mlp", 0)
+    assert list(response.unknown_ids) == ["never-sent"]
+    stream = Stub(ops._channel, admin.AdminService).QueryLog(
+        admin.QueryLogRequest(model="mlp", status=0, limit=5), metadata=ops._metadata
+    )
+    records = [decode(r.msgpack) for r in stream]
+    assert 0 < len(records) <= 5 and all(r.model == "mlp" and r.status == 0 for r in records)
+    viewer_denied = Stub(grpc.insecure_channel(live.address), admin.AdminService)
+    with pytest.raises(grpc.RpcError) as error:
+        viewer_denied.GetLogRecords(admin.GetLogRecordsRequest(request_ids=["admin-log-1"]))
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_admin_api_on_its_own_port(repository: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        admin_port = s.getsockname()[1]
+    gateway = GatewayProcess(repository, f"[admin]\nport = {admin_port}\n", tmp_path)
+    try:
+        gateway.wait_ready()
+        token = [("authorization", f"Bearer {_admin_token(gateway)}")]
+        with grpc.insecure_channel(f"127.0.0.1:{admin_port}") as channel:
+            assert Stub(channel, admin.AdminService).WhoAmI(admin.WhoAmIRequest(), metadata=token).role == "admin"
+        with grpc.insecure_channel(gateway.address) as channel:
+            with pytest.raises(grpc.RpcError) as error:
+                Stub(channel, admin.AdminService).WhoAmI(admin.WhoAmIRequest(), metadata=token)
+            assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert Stub(channel).ModelInfer(_mlp()).model_version == "2"
+    finally:
+        assert gateway.stop() == 0
