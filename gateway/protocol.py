@@ -60,6 +60,8 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, implementat
             response_serializer=response_type.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    # Registered methods are matched by the gRPC core itself, without a Python handler lookup per call.
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 class Stub:

@@ -118,8 +118,13 @@ def test_slow_or_failing_shadows_never_touch_the_primary(live: GatewayProcess) -
         assert not isinstance(response, BaseException), response
         assert response.model_version == "1"
         np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], dtype=np.float32), i)
-    time.sleep(2)  # let the admitted shadows finish
-    stats = {s.shadow_version: s for s in ops.Agreement(admin.AgreementRequest(model="shadowed")).stats}
+    deadline = time.monotonic() + 30  # let the admitted shadows finish
+    while True:
+        stats = {s.shadow_version: s for s in ops.Agreement(admin.AgreementRequest(model="shadowed")).stats}
+        settled = all(s.compared + s.failed + s.shed == 60 for s in stats.values())
+        if (settled and len(stats) == 2) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert stats["2"].shed + stats["3"].shed > 0  # concurrency 2 cannot take 120 shadow calls at once
     assert stats["3"].failed > 0 and stats["3"].agreed == 0
     assert stats["2"].compared + stats["2"].shed == 60
