@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -142,7 +142,14 @@ def model_statistics(channel: grpc.Channel) -> tuple[int, int] | None:
 class Server:
     """A server process under test: started pinned, waited for, checked once, stopped with SIGTERM."""
 
-    def __init__(self, label: str, argv: list[str], cpus: frozenset[int] | None, workdir: Path) -> None:
+    def __init__(
+        self,
+        label: str,
+        argv: list[str],
+        cpus: frozenset[int] | None,
+        workdir: Path,
+        env: Mapping[str, str] | None = None,  # added to (not replacing) this process's environment
+    ) -> None:
         self.label = label
         port = free_port()
         self.target = f"{HOST}:{port}"
@@ -152,7 +159,11 @@ class Server:
         self.log_path = workdir / f"{label.replace(' ', '_')}.log"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [*pinned, *argv, "--port", str(port)], cwd=workdir, stdout=log, stderr=subprocess.STDOUT
+                [*pinned, *argv, "--port", str(port)],
+                cwd=workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **env} if env else None,
             )
         self.channel = grpc.insecure_channel(self.target)
 
@@ -160,7 +171,7 @@ class Server:
         tail = "".join(self.log_path.read_text(errors="replace").splitlines(keepends=True)[-20:])
         return RuntimeError(f"{self.label}: {problem}; last lines of {self.log_path}:\n{tail}")
 
-    def wait_ready(self, body: bytes, check: OutputCheck) -> None:
+    def wait_ready(self, body: bytes, check: Callable[[bytes], bool]) -> None:
         """Wait for ServerReady to say ready, then make sure the benchmark request gets the right answer."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         stub = Stub(self.channel)
@@ -208,8 +219,10 @@ class Server:
 
 
 @contextmanager
-def running(label: str, argv: list[str], placement: Placement, workdir: Path) -> Iterator[Server]:
-    server = Server(label, argv, placement.server_cpus, workdir)
+def running(
+    label: str, argv: list[str], placement: Placement, workdir: Path, env: Mapping[str, str] | None = None
+) -> Iterator[Server]:
+    server = Server(label, argv, placement.server_cpus, workdir, env)
     try:
         yield server
     finally:

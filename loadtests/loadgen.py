@@ -11,7 +11,12 @@ Every run is bounded: a time-based warm-up excluded from the figures, then eithe
 or a fixed request count (cut off, and marked truncated, at `max_seconds`). Latencies go into one HDR
 histogram per process, merged exactly at the end; failures are counted by gRPC status code.
 
+For sticky routing, `sticky_keys` > 0 sends metadata `<sticky_header>: user-<n>` with every call,
+cycling n over that many distinct keys (each process from its own offset). The metadata objects are
+built once, so a call pays one list index for its key.
+
     python loadtests/loadgen.py --target 127.0.0.1:8001 --concurrency 16 --duration 10 --cpu 1
+    python loadtests/loadgen.py --target 127.0.0.1:8001 --sticky-keys 10000   # x-user-id: user-0 .. user-9999
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class LoadSpec:
     rpc_timeout_s: float = 10.0
     check: Callable[[bytes], bool] | None = None  # must be picklable: it travels to the processes
     cpus: frozenset[int] | None = None  # pin the generator's processes here
+    sticky_keys: int = 0  # > 0: every call carries metadata `sticky_header: user-<n>`, n cycling over this many
+    sticky_header: str = "x-user-id"
 
     def __post_init__(self) -> None:
         if (self.duration_s is None) == (self.requests is None):
@@ -70,6 +77,15 @@ class LoadSpec:
             raise ValueError("concurrency and processes must be at least 1")
         if self.requests is not None and self.requests < 1:
             raise ValueError("requests must be at least 1")
+        if self.sticky_keys < 0:
+            raise ValueError("sticky_keys must be at least 0")
+        if not self.sticky_header or self.sticky_header != self.sticky_header.lower():
+            raise ValueError(f"sticky_header {self.sticky_header!r}: gRPC metadata keys are non-empty lowercase")
+
+
+def sticky_metadata(spec: LoadSpec) -> list[grpc.aio.Metadata]:
+    """The metadata of each distinct sticky key, built once: `[(header, "user-0")], [(header, "user-1")], ...`."""
+    return [grpc.aio.Metadata((spec.sticky_header, f"user-{n}")) for n in range(spec.sticky_keys)]
 
 
 @dataclass(frozen=True)
@@ -110,8 +126,10 @@ class _Report:
 class _ClosedLoop:
     """The callers of one process and their shared tallies; one event loop, so no locks."""
 
-    def __init__(self, spec: LoadSpec, requests: int | None) -> None:
+    def __init__(self, spec: LoadSpec, requests: int | None, first_key: int = 0) -> None:
         self.spec = spec
+        self.metadata = sticky_metadata(spec)
+        self.next_key = first_key % spec.sticky_keys if spec.sticky_keys else 0
         self.start_ns = time.monotonic_ns()
         self.measure_start_ns = self.start_ns + int(spec.warmup_s * 1e9)
         measured_s = spec.duration_s if spec.duration_s is not None else spec.max_seconds
@@ -140,13 +158,18 @@ class _ClosedLoop:
 
     async def caller(self, call: grpc.aio.UnaryUnaryMultiCallable) -> None:
         body, timeout, check = self.spec.body, self.spec.rpc_timeout_s, self.spec.check
+        keys = self.metadata
         while True:
             start = time.monotonic_ns()
             measured = self._admit(start)
             if measured is None:
                 return
+            metadata = None
+            if keys:
+                metadata = keys[self.next_key]
+                self.next_key = (self.next_key + 1) % len(keys)
             try:
-                response = await call(body, timeout=timeout)
+                response = await call(body, timeout=timeout, metadata=metadata)
                 status = None if check is None or check(response) else INVALID_RESPONSE
             except grpc.aio.AioRpcError as e:
                 status = e.code().name
@@ -175,21 +198,23 @@ class _ClosedLoop:
         )
 
 
-async def _drive(spec: LoadSpec, callers: int, requests: int | None, barrier: Barrier) -> _Report:
+async def _drive(spec: LoadSpec, callers: int, requests: int | None, barrier: Barrier, first_key: int) -> _Report:
     async with grpc.aio.insecure_channel(spec.target) as channel:
         await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
         call = channel.unary_unary(spec.method)  # no serializers: bytes in, bytes out
         barrier.wait(CONNECT_TIMEOUT_S)  # every process starts its clock together
         cpu_start = time.process_time()
-        loop = _ClosedLoop(spec, requests)
+        loop = _ClosedLoop(spec, requests, first_key)
         await asyncio.gather(*(loop.caller(call) for _ in range(callers)))
         return loop.report(time.process_time() - cpu_start)
 
 
-def _process_main(spec: LoadSpec, callers: int, requests: int | None, barrier: Barrier, results: Queue) -> None:
+def _process_main(
+    spec: LoadSpec, callers: int, requests: int | None, barrier: Barrier, results: Queue, first_key: int
+) -> None:
     try:
         pin(spec.cpus)
-        results.put(uvloop.run(_drive(spec, callers, requests, barrier)))
+        results.put(uvloop.run(_drive(spec, callers, requests, barrier, first_key)))
     except BaseException:
         barrier.abort()  # release the other processes instead of letting them wait out the timeout
         results.put(traceback.format_exc())
@@ -251,9 +276,11 @@ def run_load(spec: LoadSpec) -> LoadResult:
     requests = _split(spec.requests, processes) if spec.requests is not None else [None] * processes
     barrier = context.Barrier(processes)
     results: Queue = context.Queue()
+    # Each process starts its sticky keys at its own offset, so processes do not send the same key together.
+    first_keys = [i * spec.sticky_keys // processes for i in range(processes)]
     workers = [
-        context.Process(target=_process_main, args=(spec, callers, share, barrier, results), daemon=True)
-        for callers, share in zip(_split(spec.concurrency, processes), requests, strict=True)
+        context.Process(target=_process_main, args=(spec, callers, share, barrier, results, first), daemon=True)
+        for callers, share, first in zip(_split(spec.concurrency, processes), requests, first_keys, strict=True)
     ]
     for worker in workers:
         worker.start()
@@ -300,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-seconds", type=float, default=300.0, help="bound on a --requests run")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-call deadline in seconds")
     parser.add_argument("--cpu", type=parse_cpus, help="pin the generator to these CPUs, e.g. 1")
+    parser.add_argument(
+        "--sticky-keys", type=int, default=0, help="send metadata STICKY_HEADER: user-<n>, n cycling over this many"
+    )
+    parser.add_argument("--sticky-header", default="x-user-id", help="metadata key of --sticky-keys")
     parser.add_argument("--json", type=Path, help="also write the result to this file")
     return parser
 
@@ -322,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         rpc_timeout_s=args.timeout,
         check=OutputCheck() if args.check else None,
         cpus=args.cpu,
+        sticky_keys=args.sticky_keys,
+        sticky_header=args.sticky_header,
     )
     result = run_load(spec)
     print(format_result(result))

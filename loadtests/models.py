@@ -4,11 +4,14 @@ Floors and gateway are only comparable if they run the same model on the same by
 MLP (Gemm 32x64 -> Relu -> Gemm 64x16) with fixed weights (seed 0), small enough that transport and
 framework costs dominate, which is what the performance budget is about. A numpy forward pass of the
 same weights gives the expected answer, so a response can be checked without trusting onnxruntime.
+Further versions (`mlp/2`, for routing benchmarks) have the same shape and cost with other weights
+(seed = version - 1), so an answer also tells which version computed it.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +40,13 @@ class MlpWeights:
     b2: np.ndarray  # [OUTPUTS]
 
 
-def mlp_weights() -> MlpWeights:
-    rng = np.random.default_rng(0)
+def version_seed(version: str) -> int:
+    """The weights' seed of a model version: 0 for version 1 (the benchmark model), 1 for version 2, ..."""
+    return int(version) - 1
+
+
+def mlp_weights(seed: int = 0) -> MlpWeights:
+    rng = np.random.default_rng(seed)
 
     def layer(fan_in: int, fan_out: int) -> tuple[np.ndarray, np.ndarray]:
         weight = rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)
@@ -50,8 +58,8 @@ def mlp_weights() -> MlpWeights:
     return MlpWeights(w1, b1, w2, b2)
 
 
-def build_mlp() -> onnx.ModelProto:
-    w = mlp_weights()
+def build_mlp(seed: int = 0) -> onnx.ModelProto:
+    w = mlp_weights(seed)
     initializers = [
         numpy_helper.from_array(array, name) for name, array in (("w1", w.w1), ("b1", w.b1), ("w2", w.w2), ("b2", w.b2))
     ]
@@ -71,12 +79,14 @@ def build_mlp() -> onnx.ModelProto:
     return model
 
 
-def build_repository(root: Path | None = None) -> Path:
-    """Write `<root>/mlp/1/model.onnx` (root: a new temporary directory by default); return root."""
+def build_repository(root: Path | None = None, versions: Iterable[str] = (MODEL_VERSION,)) -> Path:
+    """Write `<root>/mlp/<version>/model.onnx` for each version (default: only version 1; root: a new
+    temporary directory by default); return root."""
     root = Path(tempfile.mkdtemp(prefix="loadtests-repo-")) if root is None else root
-    version_dir = root / MODEL_NAME / MODEL_VERSION
-    version_dir.mkdir(parents=True, exist_ok=True)
-    onnx.save(build_mlp(), version_dir / MODEL_FILE)
+    for version in versions:
+        version_dir = root / MODEL_NAME / version
+        version_dir.mkdir(parents=True, exist_ok=True)
+        onnx.save(build_mlp(version_seed(version)), version_dir / MODEL_FILE)
     return root
 
 
@@ -98,9 +108,9 @@ def sample_input(batch: int = 1) -> np.ndarray:
     return np.random.default_rng(1).standard_normal((batch, FEATURES)).astype(np.float32)
 
 
-def reference_output(x: np.ndarray) -> np.ndarray:
-    """The MLP in numpy: what every server must answer for `x`."""
-    w = mlp_weights()
+def reference_output(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The MLP in numpy: what every server must answer for `x` (with the weights of `seed`)."""
+    w = mlp_weights(seed)
     hidden = np.maximum(x @ w.w1 + w.b1, 0.0)
     return (hidden @ w.w2 + w.b2).astype(np.float32)
 
@@ -121,20 +131,37 @@ def build_infer_response(output: np.ndarray, model_name: str, model_version: str
     return response
 
 
+def _carries(response: pb.ModelInferResponse, expected: np.ndarray) -> bool:
+    if len(response.outputs) != 1 or len(response.raw_output_contents) != 1:
+        return False
+    raw = response.raw_output_contents[0]
+    if tuple(response.outputs[0].shape) != expected.shape or len(raw) != expected.nbytes:
+        return False
+    output = np.frombuffer(raw, dtype=np.float32).reshape(expected.shape)
+    # Batched execution may reorder float sums, so compare with a tolerance rather than bytes.
+    return bool(np.allclose(output, expected, rtol=1e-4, atol=1e-5))
+
+
 class OutputCheck:
-    """Does a serialized ModelInferResponse carry the expected output? Picklable, so load-generator
-    processes can receive it."""
+    """Does a serialized ModelInferResponse carry the expected output (of version 1)? Picklable, so
+    load-generator processes can receive it."""
 
     def __init__(self, batch: int = 1) -> None:
         self.expected = reference_output(sample_input(batch))
 
     def __call__(self, body: bytes) -> bool:
+        return _carries(pb.ModelInferResponse.FromString(body), self.expected)
+
+
+class VersionedOutputCheck:
+    """Does a serialized ModelInferResponse carry the output of the version it names in `model_version`
+    (one of `versions`)? For repositories with several versions, where routing picks the version."""
+
+    def __init__(self, versions: Iterable[str], batch: int = 1) -> None:
+        x = sample_input(batch)
+        self.expected = {v: reference_output(x, version_seed(v)) for v in versions}
+
+    def __call__(self, body: bytes) -> bool:
         response = pb.ModelInferResponse.FromString(body)
-        if len(response.outputs) != 1 or len(response.raw_output_contents) != 1:
-            return False
-        raw = response.raw_output_contents[0]
-        if tuple(response.outputs[0].shape) != self.expected.shape or len(raw) != self.expected.nbytes:
-            return False
-        output = np.frombuffer(raw, dtype=np.float32).reshape(self.expected.shape)
-        # Batched execution may reorder float sums, so compare with a tolerance rather than bytes.
-        return bool(np.allclose(output, self.expected, rtol=1e-4, atol=1e-5))
+        expected = self.expected.get(response.model_version)
+        return expected is not None and _carries(response, expected)
