@@ -55,13 +55,12 @@ class LogConfig:
     enabled: bool = True  # false only when CANARY_GATEWAY_BENCHMARK=1: a gateway never answers unlogged
     dir: str = ""  # default: <server.state_dir>/log
     sync: Literal["process", "fsync"] = "process"
-    writer: Literal["auto", "inline", "thread"] = "auto"
     max_pending: int = 10_000
     segment_max_bytes: int = 256 * 1024 * 1024
     segment_max_age_s: float = 3600.0
     retention_max_bytes: int = 0  # 0: keep everything
     retention_max_age_s: float = 0.0
-    fault_commit_delay_ms: float = 0.0  # fault injection for tests: slow every commit down
+    fault_fsync_delay_ms: float = 0.0  # fault injection for tests: slow every fsync down
 
 
 @dataclass(frozen=True)

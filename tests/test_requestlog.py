@@ -133,7 +133,7 @@ def test_kill_9_loses_no_answered_request(repository: Path, tmp_path: Path) -> N
 
 
 def test_backpressure_refuses_rather_than_answering_unlogged(repository: Path, tmp_path: Path) -> None:
-    config = '[log]\nsync = "fsync"\nmax_pending = 2\nfault_commit_delay_ms = 50\n'
+    config = '[log]\nsync = "fsync"\nmax_pending = 2\nfault_fsync_delay_ms = 50\n'
     gateway = GatewayProcess(repository, config, tmp_path)
     gateway.wait_ready()
 
@@ -312,3 +312,19 @@ def test_export_round_trips_inputs(gateway: GatewayProcess, stub: Stub, tmp_path
         exported = sorted(by_request[request_id], key=lambda r: int(r["row"]))  # type: ignore[call-overload]
         got = np.array([[row[f"input.input.{j}"] for j in range(32)] for row in exported], dtype=np.float32)
         np.testing.assert_array_equal(got, x)
+
+
+def test_fsync_mode_shares_one_fsync_among_waiting_answers(tmp_path: Path) -> None:
+    writer_holder: list[LogWriter] = []
+
+    async def run() -> None:
+        writer = LogWriter(tmp_path, LogConfig(sync="fsync"))
+        writer_holder.append(writer)
+        await asyncio.gather(*(writer.commit(r) for r in _records(200)))
+        await writer.close()
+
+    asyncio.run(run())
+    writer = writer_holder[0]
+    assert writer.records_written == 200
+    assert 0 < writer.fsyncs < 200  # group fsync: concurrent answers share fsyncs
+    assert len(list(LogReader(tmp_path).query())) == 200

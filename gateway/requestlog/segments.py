@@ -50,14 +50,14 @@ class Segment:
     ids: lmdb._Database
 
     @classmethod
-    def open(cls, path: Path, map_size: int, readonly: bool = False, durable: bool = False) -> Segment:
-        """Open (or create, for the writer) one segment. `durable` fsyncs every commit."""
+    def open(cls, path: Path, map_size: int, readonly: bool = False) -> Segment:
+        """Open (or create, for the writer) one segment; commits never fsync (the writer's syncer does)."""
         if readonly:
             env = lmdb.open(str(path), readonly=True, lock=True, max_dbs=2, create=False)
         else:
             path.mkdir(parents=True, exist_ok=True)
             env = lmdb.open(
-                str(path), map_size=map_size, max_dbs=2, sync=durable, metasync=durable, writemap=True, max_readers=256
+                str(path), map_size=map_size, max_dbs=2, sync=False, metasync=False, writemap=True, max_readers=256
             )
         try:
             records = env.open_db(RECORDS_DB, create=not readonly)

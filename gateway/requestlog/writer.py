@@ -1,18 +1,16 @@
-"""The log writer: group commit into the current segment; an answer waits for its record's commit.
+"""The log writer: an answer waits for its record's commit (and, with fsync, for its fsync).
 
-Two ways to commit, chosen by `log.writer` (default: by `log.sync`):
+Every record is committed inline by the handler that owns it, in its own LMDB transaction, just
+before it answers: without fsync a commit costs a few microseconds. Deferring commits to share
+transactions measured worse inside the server (~100 us more per request): suspending and
+resuming every grpc.aio handler costs far more than the transaction it saves.
 
-* inline (default for `sync = "process"`): the handler commits its record itself, in its own
-  LMDB transaction, before it answers. Without fsync a commit costs a few microseconds; the
-  alternatives measured worse inside the server: deferring commits to the end of the loop turn
-  (to share transactions) cost ~100 us per request more, because the extra suspend and resume
-  of every handler costs grpc.aio far more than the transaction it saves.
-* thread (default for `sync = "fsync"`): a writer thread commits whatever accumulated while the
-  previous commit was fsyncing, so one fsync (~0.3 ms) is shared by every request of that window
-  and the event loop never waits on the disk.
-
-When more than `max_pending` records wait for a commit, `append` refuses with RESOURCE_EXHAUSTED:
-the gateway pushes back rather than answer without a record.
+`sync = "fsync"` adds group fsync: a syncer thread fsyncs the segment (`mdb_env_sync`) whenever
+handlers are waiting, and answers all of them with one fsync, since it covers every commit made
+before it started. The event loop never waits on the disk and does no extra work per request
+beyond a future. When more than `max_pending` handlers wait for an fsync, new requests are
+refused with RESOURCE_EXHAUSTED: the gateway pushes back rather than answer without a durable
+record.
 """
 
 from __future__ import annotations
@@ -26,13 +24,12 @@ from pathlib import Path
 import lmdb
 
 from gateway.config import LogConfig
-from gateway.errors import GatewayError, ResourceExhausted, Unavailable
+from gateway.errors import ResourceExhausted, Unavailable
 from gateway.requestlog.record import KeyMaker, Record, encode, id_key
 from gateway.requestlog.segments import Segment, apply_retention, list_segments, segment_name, segment_start_ns
 
 log = logging.getLogger(__name__)
 
-_Batch = list[tuple[Record, "asyncio.Future[None]"]]
 ROTATION_CHECK_INTERVAL_S = 0.05
 
 
@@ -46,24 +43,21 @@ class LogWriter:
         self._keys = KeyMaker()
         self._next_rotation_check = 0.0
         self._bytes_since_check = 0
+        self._segment_lock = threading.Lock()  # the syncer must not fsync a segment being closed
         self._segment = self._open_latest_or_new()
-        self._pending: _Batch = []
-        self._committing = 0  # records handed to the writer thread, not yet committed
         self._loop: asyncio.AbstractEventLoop | None = None
-        threaded = config.writer == "thread" or (config.writer == "auto" and config.sync == "fsync")
+        self._waiting: list[asyncio.Future[None]] = []  # committed, waiting for their fsync
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
-        self._thread = threading.Thread(target=self._run_thread, name="log-writer", daemon=True) if threaded else None
-        if self._thread is not None:
-            self._thread.start()
+        durable = config.sync == "fsync"
+        self._syncer = threading.Thread(target=self._run_syncer, name="log-fsync", daemon=True) if durable else None
+        if self._syncer is not None:
+            self._syncer.start()
         self.commits = 0
+        self.fsyncs = 0
         self.records_written = 0
         self.refused = 0
-
-    @property
-    def threaded(self) -> bool:
-        return self._thread is not None
 
     def live_segment(self) -> Segment:
         """The segment being written (an in-process reader must share it: LMDB allows one open per process)."""
@@ -75,7 +69,8 @@ class LogWriter:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._pending) + self._committing
+        """Handlers waiting for an fsync (always 0 without fsync: commits are inline)."""
+        return len(self._waiting)
 
     # --- segments -------------------------------------------------------------------------
 
@@ -84,7 +79,7 @@ class LogWriter:
         if segments:
             latest = segments[-1]
             try:
-                segment = Segment.open(latest, self._map_size, durable=self._config.sync == "fsync")
+                segment = Segment.open(latest, self._map_size)
                 if not self._should_rotate(segment):
                     return segment
                 segment.close()
@@ -96,7 +91,7 @@ class LogWriter:
         start = time.time_ns()
         for existing in list_segments(self._dir):
             start = max(start, segment_start_ns(existing) + 1)  # names stay unique and ordered
-        return Segment.open(self._dir / segment_name(start), self._map_size, durable=self._config.sync == "fsync")
+        return Segment.open(self._dir / segment_name(start), self._map_size)
 
     def _should_rotate(self, segment: Segment) -> bool:
         age_s = (time.time_ns() - segment_start_ns(segment.path)) / 1e9
@@ -104,8 +99,11 @@ class LogWriter:
         return too_old or segment.used_bytes() >= self._config.segment_max_bytes
 
     def _rotate(self) -> None:
-        self._segment.close()
-        self._segment = self._open_new()
+        with self._segment_lock:
+            if self._syncer is not None:
+                self._segment.env.sync(True)  # what the syncer has not covered yet stays durable
+            self._segment.close()
+            self._segment = self._open_new()
         log.info("request log rotated to %s", self._segment.path)
         apply_retention(
             self._dir, self._segment.path, self._config.retention_max_bytes, self._config.retention_max_age_s
@@ -143,8 +141,6 @@ class LogWriter:
 
     def _write(self, records: list[Record]) -> None:
         """One transaction for all records; a full map rotates and retries, never fails them."""
-        if self._config.fault_commit_delay_ms:
-            time.sleep(self._config.fault_commit_delay_ms / 1000)
         try:
             self._put_all(records)
         except lmdb.MapFullError:
@@ -164,73 +160,69 @@ class LogWriter:
         if self.queue_depth >= self._config.max_pending:
             self.refused += 1
             raise ResourceExhausted(
-                f"request log: {self.queue_depth} records are waiting for commit (log.max_pending "
+                f"request log: {self.queue_depth} answers are waiting for their fsync (log.max_pending "
                 f"{self._config.max_pending}); retry later"
             )
 
     async def commit(self, record: Record) -> None:
-        """Return once `record` is committed (inline: written now, without suspending the caller)."""
-        if self._thread is None:
-            self.write_now(record)
-        else:
-            await self.append(record)
+        """Return once `record` is committed (and fsynced, with `sync = "fsync"`)."""
+        self.write_now(record)
+        if self._syncer is not None:
+            await self._durable()
 
     def write_now(self, record: Record) -> None:
-        """Inline mode: commit one record right here, on the event loop, before the caller answers."""
-        error = self._try_write_records([record])
-        if error is not None:
-            raise error
+        """Commit one record right here, on the event loop, without suspending the caller."""
+        try:
+            self._write([record])
+        except Exception as e:  # disk full, permissions, ...: the request learns it, unanswered
+            log.exception("request log write failed")
+            raise Unavailable(f"request log write failed, request not answered: {e}") from e
 
-    def append(self, record: Record) -> asyncio.Future[None]:
-        """Thread mode: queue a record of admitted work; the future resolves once it is committed."""
-        assert self._thread is not None, "inline mode commits with write_now"
+    def _durable(self) -> asyncio.Future[None]:
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:
-            self._pending.append((record, future))
+            self._waiting.append(future)
         self._wake.set()
         return future
 
-    def _try_write(self, batch: _Batch) -> BaseException | None:
-        return self._try_write_records([record for record, _ in batch])
-
-    def _try_write_records(self, records: list[Record]) -> GatewayError | None:
-        try:
-            self._write(records)
-            return None
-        except Exception as e:  # disk full, permissions, ...: every waiting request learns it
-            log.exception("request log write failed")
-            return Unavailable(f"request log write failed, request not answered: {e}")
-
-    def _run_thread(self) -> None:
+    def _run_syncer(self) -> None:
         while True:
             self._wake.wait()
             with self._lock:
                 self._wake.clear()
-                batch, self._pending = self._pending, []
-                self._committing = len(batch)
-            if batch:
-                error = self._try_write(batch)
-                assert self._loop is not None
-                self._loop.call_soon_threadsafe(_resolve, batch, error)
-            with self._lock:
-                self._committing = 0
-                if self._closing and not self._pending:
+                waiting, self._waiting = self._waiting, []
+                if self._closing and not waiting:
                     return
+            if not waiting:
+                continue
+            error: BaseException | None = None
+            if self._config.fault_fsync_delay_ms:
+                time.sleep(self._config.fault_fsync_delay_ms / 1000)
+            try:
+                with self._segment_lock:
+                    self._segment.env.sync(True)  # covers every commit made before it started
+                self.fsyncs += 1
+            except lmdb.Error as e:
+                log.exception("request log fsync failed")
+                error = Unavailable(f"request log fsync failed, request not answered: {e}")
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(_resolve, waiting, error)
 
     async def close(self) -> None:
-        """Commit what is pending, stop the thread, close the segment."""
-        if self._thread is not None:
+        """Let waiting handlers get their fsync, stop the syncer, close the segment."""
+        if self._syncer is not None:
             with self._lock:
                 self._closing = True
             self._wake.set()
-            await asyncio.to_thread(self._thread.join)
+            await asyncio.to_thread(self._syncer.join)
+            self._segment.env.sync(True)
         self._segment.close()
 
 
-def _resolve(batch: _Batch, error: BaseException | None) -> None:
-    for _, future in batch:
+def _resolve(waiting: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for future in waiting:
         if future.done():
             continue
         if error is None:
