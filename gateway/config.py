@@ -56,6 +56,7 @@ class LogConfig:
     dir: str = ""  # default: <server.state_dir>/log
     sync: Literal["process", "fsync"] = "process"
     max_pending: int = 10_000
+    fsync_gather_us: int = 1000  # fsync mode: how long a fsync waits for more answers to cover
     segment_max_bytes: int = 256 * 1024 * 1024
     segment_max_age_s: float = 3600.0
     retention_max_bytes: int = 0  # 0: keep everything
