@@ -6,12 +6,11 @@ transactions measured worse inside the server (~100 us more per request): suspen
 resuming every grpc.aio handler costs far more than the transaction it saves.
 
 `sync = "fsync"` adds group fsync: a syncer thread fsyncs the segment (`mdb_env_sync`) when
-handlers are waiting (after gathering for `fsync_gather_us` when the last fsync covered more
-than one answer), and answers all of them with one
-fsync, since it covers every commit made before it started. The event loop never waits on the disk and does no extra work per request
-beyond a future. When more than `max_pending` handlers wait for an fsync, new requests are
-refused with RESOURCE_EXHAUSTED: the gateway pushes back rather than answer without a durable
-record.
+handlers are waiting (after gathering for `fsync_gather_us` when the last fsync covered more than
+one answer) and answers all of them with one fsync, since it covers every commit made before it
+started. The event loop never waits on the disk. When more than `max_pending` handlers wait for
+an fsync, new requests are refused with RESOURCE_EXHAUSTED: the gateway pushes back rather than
+answer without a durable record.
 """
 
 from __future__ import annotations
