@@ -24,7 +24,7 @@ from functools import partial
 from native.routing import Split
 from router.bucketing import ReferenceSplit, salt_for
 from router.rules import Route, StickyKey, parse_shadows, parse_split
-from router.table import RouteTable
+from router.table import RouteTable, Splitter
 
 MODEL = "credit"
 VERSIONS = ("1", "2", "3")
@@ -78,7 +78,7 @@ def measure(number: int, repeat: int) -> list[Row]:
     route = Route(split=parse_split("1=90 2=10"), sticky_key=StickyKey.parse("x-user-id"), shadows=parse_shadows("3=5"))
     keys = [f"user-{i:08d}" for i in range(10_000)]
     shadows = [(v, bps, salt_for(MODEL, "shadow", v)) for v, bps in route.shadows]
-    splits = {
+    splits: dict[str, Splitter] = {
         "reference": ReferenceSplit(route.split, salt_for(MODEL), shadows),
         "native": Split(route.split, salt_for(MODEL), shadows),
     }
