@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from gateway.protocol import Stub
+from gateway.protocol import Stub, admin
 from gateway.protocol import inference as pb
 
 MODEL_NAME = "breast_cancer"
@@ -74,12 +74,56 @@ def _wait_ready(stub: Stub, process: subprocess.Popen[bytes]) -> None:
     raise SystemExit("gateway did not become ready within 60 s")
 
 
-def _infer(stub: Stub, row: np.ndarray, version: str, request_id: str) -> pb.ModelInferResponse:
+def _infer(
+    stub: Stub, row: np.ndarray, version: str, request_id: str, user: str | None = None
+) -> pb.ModelInferResponse:
     request = pb.ModelInferRequest(model_name=MODEL_NAME, model_version=version, id=request_id)
     request.inputs.add(name="X", datatype="FP32", shape=[1, row.shape[0]])
     request.raw_input_contents.append(row.astype(np.float32).tobytes())
-    response: pb.ModelInferResponse = stub.ModelInfer(request, timeout=10)
+    metadata = [("x-user-id", user)] if user else None
+    response: pb.ModelInferResponse = stub.ModelInfer(request, timeout=10, metadata=metadata)
     return response
+
+
+def _canary(channel: grpc.Channel, stub: Stub, state_dir: str, x_test: np.ndarray) -> None:
+    """Route 90/10 sticky by user, shadow v2 on v1's traffic, send traffic, show what happened."""
+    token = (Path(state_dir) / "admin.token").read_text().strip()
+    ops = Stub(channel, admin.AdminService)
+    auth = [("authorization", f"Bearer {token}")]
+
+    def shares(*pairs: tuple[str, int]) -> list[object]:
+        return [admin.VersionShare(version=v, bps=bps) for v, bps in pairs]
+
+    ops.SetSplit(
+        admin.SetSplitRequest(model=MODEL_NAME, split=shares(("1", 9000), ("2", 1000)), reason="demo: v2 canary"),
+        metadata=auth,
+    )
+    ops.SetSticky(admin.SetStickyRequest(model=MODEL_NAME, sticky_key="x-user-id", reason="demo"), metadata=auth)
+    ops.SetShadows(
+        admin.SetShadowsRequest(model=MODEL_NAME, shadows=shares(("2", 10000)), reason="demo: compare v2"),
+        metadata=auth,
+    )
+    print("5. operator: split 1=90% 2=10% sticky by x-user-id, shadow v2 on all traffic (admin API, admin token)")
+    answered: collections.Counter[str] = collections.Counter()
+    users: dict[str, set[str]] = collections.defaultdict(set)
+    for i in range(300):
+        user = f"user-{i % 60}"
+        version = _infer(stub, x_test[i % len(x_test)], "", f"canary-{i}", user).model_version
+        answered[version] += 1
+        users[user].add(version)
+    sticky = all(len(v) == 1 for v in users.values())
+    print(f"   300 requests from 60 users: {dict(sorted(answered.items()))}; each user always on one version: {sticky}")
+    time.sleep(0.5)  # let the last shadows finish
+    for stat in ops.Agreement(admin.AgreementRequest(model=MODEL_NAME), metadata=auth).stats:
+        print(
+            f"   shadow v{stat.shadow_version} vs primary v{stat.primary_version}: {stat.agreed}/{stat.compared} "
+            f"labels agree ({stat.rate:.1%}), {stat.shed} shed, {stat.failed} failed"
+        )
+    ops.Rollback(admin.RollbackRequest(model=MODEL_NAME, reason="demo: stop shadowing"), metadata=auth)
+    history = ops.History(admin.HistoryRequest(model=MODEL_NAME, limit=4), metadata=auth).entries
+    print(
+        "   change log (canary-gateway routes history): " + "; ".join(f"{e.who} {e.action}: {e.why}" for e in history)
+    )
 
 
 def run_demo(directory: str, port: int, requests: int, state_dir: str) -> int:
@@ -116,14 +160,15 @@ def run_demo(directory: str, port: int, requests: int, state_dir: str) -> int:
                     f"{correct[version] / answered[version]:.1%} correct"
                 )
             print(f"   {requests} sequential requests in {elapsed:.2f}s ({requests / elapsed:.0f}/s)")
+            _canary(channel, stub, state_dir, x_test)
             try:
                 _infer(stub, x_test[0][:5], "1", "demo-bad")
             except grpc.RpcError as e:
-                print(f"5. a malformed request is refused: {e.code().name}: {e.details()}")
+                print(f"6. a malformed request is refused (and logged): {e.code().name}: {e.details()}")
     finally:
-        print("6. stopping the gateway with SIGTERM (graceful drain)")
+        print("7. stopping the gateway with SIGTERM (graceful drain)")
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=30)
     print(f"   gateway exited with code {code}")
-    print(f"7. every request is in the request log: canary-gateway log --state-dir {state_dir} get demo-0")
+    print(f"8. every request is in the request log: canary-gateway log --state-dir {state_dir} get canary-0")
     return code

@@ -22,13 +22,16 @@ def test_demo_serves_two_versions_and_refuses_bad_input(tmp_path: Path) -> None:
     assert "version 1: 10 answers" in result.stdout
     assert "version 2: 20 answers" in result.stdout
     assert "INVALID_ARGUMENT: inputs[X].shape: dimension 1 is 5, the model expects 30" in result.stdout
+    assert "each user always on one version: True" in result.stdout
+    assert "labels agree" in result.stdout
     assert "gateway exited with code 0" in result.stdout
     assert (tmp_path / "models/breast_cancer/2/model.toml").read_text().startswith("[provenance]")
     logged = subprocess.run(
-        [sys.executable, "-m", "gateway", "log", "--state-dir", str(tmp_path / "state"), "get", "demo-7"],
+        [sys.executable, "-m", "gateway", "log", "--state-dir", str(tmp_path / "state"), "get", "canary-7"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert logged.returncode == 0, logged.stderr
-    assert "demo-7" in logged.stdout and "breast_cancer:2" in logged.stdout
+    assert "canary-7" in logged.stdout and "breast_cancer:" in logged.stdout
+    assert "canary-7/shadow/2" in logged.stdout or "breast_cancer:2" in logged.stdout  # its shadow, or v2 itself
