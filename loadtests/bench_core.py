@@ -322,17 +322,24 @@ class Round:
         notes = []
         for label, figures in self.servers.items():
             for name, point in (("high concurrency", figures.high), ("c1", figures.one)):
-                if point.rows_per_run is not None:
-                    notes.append(f"{label} at {name}: {point.rows_per_run} requests per onnxruntime run")
-                if point.client_util > CLIENT_BOUND_UTIL and point.client_util > point.server_util:
-                    notes.append(
-                        f"WARNING {label} at {name}: client {point.client_util:.0%} busy vs server "
-                        f"{point.server_util:.0%}: the client may have limited throughput"
-                    )
-                if point.load.errors or point.load.truncated:
-                    problem = f"errors {point.load.errors}" + (", truncated" if point.load.truncated else "")
-                    notes.append(f"WARNING {label} at {name}: {problem}")
+                notes.extend(point_notes(label, name, point))
         return notes
+
+
+def point_notes(label: str, name: str, point: Point) -> list[str]:
+    """Batching achieved, a client that may have been the bottleneck, errors: for one measured point."""
+    notes = []
+    if point.rows_per_run is not None:
+        notes.append(f"{label} at {name}: {point.rows_per_run} requests per onnxruntime run")
+    if point.client_util > CLIENT_BOUND_UTIL and point.client_util > point.server_util:
+        notes.append(
+            f"WARNING {label} at {name}: client {point.client_util:.0%} busy vs server "
+            f"{point.server_util:.0%}: the client may have limited throughput"
+        )
+    if point.load.errors or point.load.truncated:
+        problem = f"errors {point.load.errors}" + (", truncated" if point.load.truncated else "")
+        notes.append(f"WARNING {label} at {name}: {problem}")
+    return notes
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -342,7 +349,7 @@ def _median(values: list[float | None]) -> float | None:
 
 def median_table(tables: list[Table]) -> Table:
     """Cell by cell median; ratios are taken within each round first, so drift between rounds cancels."""
-    return {row: [_median(list(cells)) for cells in zip(*(t[row] for t in tables), strict=True)] for row in ROWS}
+    return {row: [_median(list(cells)) for cells in zip(*(t[row] for t in tables), strict=True)] for row in tables[0]}
 
 
 def format_table(table: Table, concurrency: int) -> str:

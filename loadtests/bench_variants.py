@@ -51,7 +51,6 @@ from typing import NamedTuple
 
 import grpc
 from bench_core import (
-    CLIENT_BOUND_UTIL,
     CLOCK_TICKS,
     HOST,
     Placement,
@@ -60,6 +59,8 @@ from bench_core import (
     ServerFigures,
     choose_placement,
     gateway_source,
+    median_table,
+    point_notes,
     running,
 )
 from floor_server import MODEL_INFER
@@ -422,27 +423,8 @@ class Round:
                             f"WARNING {name} at {point_name}: other processes used {share:.0%} of the {side}'s CPU: "
                             "the machine was not quiet"
                         )
-                if point.rows_per_run is not None:
-                    notes.append(f"{name} at {point_name}: {point.rows_per_run} requests per onnxruntime run")
-                if point.client_util > CLIENT_BOUND_UTIL and point.client_util > point.server_util:
-                    notes.append(
-                        f"WARNING {name} at {point_name}: client {point.client_util:.0%} busy vs server "
-                        f"{point.server_util:.0%}: the client may have limited throughput"
-                    )
-                if point.load.errors or point.load.truncated:
-                    problem = f"errors {point.load.errors}" + (", truncated" if point.load.truncated else "")
-                    notes.append(f"WARNING {name} at {point_name}: {problem}")
+                notes.extend(point_notes(name, point_name, point))
         return notes
-
-
-def _median(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
-def median_table(tables: list[Table]) -> Table:
-    """Cell by cell median; ratios are taken within each round first, so drift between rounds cancels."""
-    return {row: [_median(list(cells)) for cells in zip(*(t[row] for t in tables), strict=True)] for row in tables[0]}
 
 
 def format_table(table: Table, concurrency: int, baseline: str) -> str:
