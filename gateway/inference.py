@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -120,6 +121,19 @@ def _check_input(spec: TensorSpec, array: np.ndarray, declared: str, reject_non_
         raise InvalidArgument(f"inputs[{spec.name}]: contains NaN or Inf, which model policy rejects")
 
 
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def trace_id(traceparent: str | None) -> str | None:
+    """The caller's W3C trace id (from `traceparent` metadata), so a logged prediction leads to its trace."""
+    if not traceparent:
+        return None
+    match = _TRACEPARENT.fullmatch(traceparent.strip())
+    if match is None or match.group(1) == "0" * 32:
+        return None
+    return match.group(1)
+
+
 def _routing_key(sticky: StickyKey | None, request: InferenceRequest) -> str | None:
     if sticky is None:
         return None
@@ -193,6 +207,7 @@ class InferenceService:
         record = Record(request_id, ts_ns, request.model_name, request.model_version)
         record.inputs = [Tensor.of(name, request.datatypes[name], a) for name, a in request.inputs.items()]
         record.caller = request.caller.name if request.caller is not None else None
+        record.trace_id = trace_id(request.headers.get("traceparent"))
         rows = 0
         version: ModelVersion | None = None
         try:

@@ -94,6 +94,7 @@ class ShadowRunner:
             primary_id=primary.id,
             caller=primary.caller,
             routing_key=primary.routing_key,
+            trace_id=primary.trace_id,
             inputs=primary.inputs,
         )
         try:

@@ -74,6 +74,16 @@ def test_every_request_of_a_mixed_run_has_exactly_one_record(gateway: GatewayPro
     assert reader.problems == []
 
 
+def test_the_callers_w3c_trace_id_is_logged(gateway: GatewayProcess, stub: Stub) -> None:
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    x = np.ones((1, 32), dtype=np.float32)
+    stub.ModelInfer(_mlp_request("traced", x), metadata=[("traceparent", f"00-{trace}-00f067aa0ba902b7-01")])
+    stub.ModelInfer(_mlp_request("badly-traced", x), metadata=[("traceparent", "not a traceparent")])
+    reader = LogReader(gateway.state_dir / "log")
+    assert reader.get("traced")[0].trace_id == trace
+    assert reader.get("badly-traced")[0].trace_id is None
+
+
 def test_log_cli_reads_the_running_gateways_log(gateway: GatewayProcess, stub: Stub) -> None:
     since = str(time.time_ns())
     stub.ModelInfer(_mlp_request("cli-1", np.ones((1, 32), dtype=np.float32)))
