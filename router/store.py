@@ -213,6 +213,10 @@ class RouteStore:
         with self._env.begin(write=True) as txn:  # an exception aborts: nothing is written
             current = _route_of(self._unpack(txn.get(key, db=self._routes)))
             after = target(txn, current)
+            if after == current:
+                # Idempotent, like applying a declarative config twice: nothing is written, so the
+                # table version stays and the next rollback still undoes the last real change.
+                return ChangeEntry(self._version(txn), time.time_ns(), who, why.strip(), action, model, current, after)
             if after is not None:
                 rules.validate(model, after, ready)
             seq = self._version(txn) + 1

@@ -185,7 +185,8 @@ def test_other_processes_see_changes_and_their_readers_never_block_the_writer(st
         assert child.stdout.readline().strip() == "1"
         start = time.monotonic()
         for i in range(5):
-            store.apply("fraud", _split("1=100"), who="a", why=f"change {i}", action="split", ready=READY)
+            model, split = ("fraud", "1=100") if i == 4 else ("credit", "1=50 2=50" if i % 2 == 0 else "1=100")
+            store.apply(model, _split(split), who="a", why=f"change {i}", action="split", ready=READY)
         assert time.monotonic() - start < 5
         child.stdin.write("\n")
         child.stdin.flush()
@@ -194,3 +195,11 @@ def test_other_processes_see_changes_and_their_readers_never_block_the_writer(st
     finally:
         child.communicate(timeout=30)
     assert child.returncode == 0
+
+
+def test_a_change_that_changes_nothing_is_not_logged(store: RouteStore) -> None:
+    store.apply("credit", _split("1=90 2=10"), who="a", why="canary", action="split", ready=READY)
+    before, version = store.history("credit"), store.table_version()
+    entry = store.apply("credit", _split("2=10 1=90"), who="a", why="same again", action="split", ready=READY)
+    assert entry.before == entry.after and entry.seq == version
+    assert store.history("credit") == before and store.table_version() == version
