@@ -109,7 +109,8 @@ def test_slow_or_failing_shadows_never_touch_the_primary(live: GatewayProcess) -
             for i in range(60):
                 request = pb.ModelInferRequest(model_name="shadowed", id=f"shadow-{i}")
                 request.inputs.add(name="x", datatype="FP32", shape=[1, 64])
-                request.raw_input_contents.append(np.full((1, 64), i, dtype=np.float32).tobytes())
+                # Values of 5 and more make version 3 fail (see models.failing_graph).
+                request.raw_input_contents.append(np.full((1, 64), 5 + i, dtype=np.float32).tobytes())
                 calls.append(stub.ModelInfer(request, timeout=30))
             return await asyncio.gather(*calls, return_exceptions=True)
 
@@ -117,7 +118,7 @@ def test_slow_or_failing_shadows_never_touch_the_primary(live: GatewayProcess) -
     for i, response in enumerate(responses):
         assert not isinstance(response, BaseException), response
         assert response.model_version == "1"
-        np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], dtype=np.float32), i)
+        np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], dtype=np.float32), 5 + i)
     deadline = time.monotonic() + 30  # let the admitted shadows finish
     while True:
         stats = {s.shadow_version: s for s in ops.Agreement(admin.AgreementRequest(model="shadowed")).stats}
