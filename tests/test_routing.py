@@ -74,13 +74,15 @@ async def _versions(address: str, count: int, metadata: list[tuple[str, str]] | 
         return list(await asyncio.gather(*(one() for _ in range(count))))
 
 
-def test_weighted_split_lands_within_three_sigma(live: GatewayProcess) -> None:
+def test_weighted_split_lands_near_its_weights(live: GatewayProcess) -> None:
     ops = Admin(live)
     _split(ops, "mlp", "1=9000 2=1000")
     n = 6000
     counts = Counter(asyncio.run(_versions(live.address, n)))
     sigma = math.sqrt(n * 0.1 * 0.9)
-    assert abs(counts["2"] - n * 0.1) < 3 * sigma, counts
+    # 4 sigma: the server's draws are not seeded, and a 0.3% false alarm per CI run is too many.
+    # (tests/test_router_bucketing.py checks the 3-sigma bound on 20,000 seeded draws.)
+    assert abs(counts["2"] - n * 0.1) < 4 * sigma, counts
     assert counts["1"] + counts["2"] == n
 
 
