@@ -108,7 +108,7 @@ def encode_response(response: InferenceResponse) -> pb.ModelInferResponse:
     message.parameters["request_id"].string_param = response.request_id
     outputs = message.outputs
     raw = message.raw_output_contents
-    for spec, array in response.outputs:
-        outputs.add(name=spec.name, datatype=spec.dtype.v2_name, shape=array.shape)
-        raw.append(array.tobytes())
+    for tensor in response.outputs:
+        outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        raw.append(tensor.data)
     return message

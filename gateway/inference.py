@@ -77,13 +77,13 @@ class InferenceResponse:
         model_version: str,
         id: str,
         request_id: str,
-        outputs: list[tuple[TensorSpec, np.ndarray]],
+        outputs: list[Tensor],
     ) -> None:
         self.model_name = model_name
         self.model_version = model_version
         self.id = id  # the client's id, echoed
         self.request_id = request_id  # the log's id: the client's id, or one generated for it
-        self.outputs = outputs
+        self.outputs = outputs  # the requested outputs, as bytes once: the log record holds the same
 
 
 class RequestIds:
@@ -238,17 +238,16 @@ class InferenceService:
             await self._commit(record, start)
             raise
         version.stats.record_request(rows, time.perf_counter_ns() - start, ok=True)
-        specs = version.model.outputs
-        if request.outputs:
-            wanted = set(request.outputs)
-            outputs = [(s, r) for s, r in zip(specs, results, strict=True) if s.name in wanted]
-        else:
-            outputs = list(zip(specs, results, strict=True))
-        record.outputs = [Tensor.of(spec.name, spec.dtype.v2_name, array) for spec, array in outputs]
+        wanted = set(request.outputs)
+        record.outputs = [
+            Tensor.of(spec.name, spec.dtype.v2_name, array)
+            for spec, array in zip(version.model.outputs, results, strict=True)
+            if not wanted or spec.name in wanted
+        ]
         await self._commit(record, start)
         if decision.shadows:
             self._shadows.mirror(record, decision.shadows, feeds, rows, results)
-        return InferenceResponse(version.name, version.version, request.id, request_id, outputs)
+        return InferenceResponse(version.name, version.version, request.id, request_id, record.outputs)
 
     async def reject_unprocessed(
         self, model_name: str, model_version: str, client_id: str, error: GatewayError, raw_request: bytes

@@ -26,6 +26,18 @@ ROLE_SHADOW = "shadow"
 ROLE_FALLBACK = "fallback"
 
 
+def _bytes_of(array: np.ndarray) -> bytes:
+    """The array's bytes, without a copy when the array is a whole, contiguous view of a `bytes`
+    object (an input decoded zero-copy from `raw_input_contents`)."""
+    owner = array.base
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    # A contiguous view as long as its whole buffer must start at its beginning: same bytes.
+    if type(owner) is bytes and len(owner) == array.nbytes and array.flags.c_contiguous:
+        return owner
+    return array.tobytes()
+
+
 @dataclass
 class Tensor:
     name: str
@@ -35,7 +47,7 @@ class Tensor:
 
     @classmethod
     def of(cls, name: str, datatype: str, array: np.ndarray) -> Tensor:
-        return cls(name, datatype, list(array.shape), array.tobytes())
+        return cls(name, datatype, list(array.shape), _bytes_of(array))
 
     def to_numpy(self, dtype: np.dtype) -> np.ndarray:
         return np.frombuffer(self.data, dtype=dtype).reshape(self.shape)
