@@ -21,7 +21,7 @@ from gateway.protocol import admin as pb
 from gateway.repository import ModelRepository
 from gateway.requestlog.reader import LogReader, Query
 from gateway.requestlog.record import encode
-from gateway.servicer import reject
+from gateway.servicer import refusals_answered, reject
 from gateway.shadows import ShadowRunner
 from router.control import RouteControl
 from router.rules import DEFAULT_OVERRIDE_ROLES, ROLES, Route, StickyKey, default_route
@@ -105,15 +105,11 @@ class AdminServicer:
         action: str,
         edit: Callable[[Identity], ChangeEntry],
     ) -> Any:
-        try:
-            identity = self._caller(context, "operator", f"{action} on {model!r}")
-            self._known(model, required=True)
-            if not reason.strip():
-                raise InvalidArgument("reason: required; say why you change the route")
-            entry = edit(identity)
-        except GatewayError as e:
-            reject(context, f"Admin.{action}", e)
-            return pb.ChangeResponse()
+        identity = self._caller(context, "operator", f"{action} on {model!r}")
+        self._known(model, required=True)
+        if not reason.strip():
+            raise InvalidArgument("reason: required; say why you change the route")
+        entry = edit(identity)
         return pb.ChangeResponse(
             entry=_entry(entry), route=self._route_message(model), table_version=self._routes.table.version
         )
@@ -129,14 +125,11 @@ class AdminServicer:
 
     # --- viewer ---------------------------------------------------------------------------------
 
+    @refusals_answered(pb.GetRoutesResponse)
     async def GetRoutes(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            self._caller(context, "viewer", "GetRoutes")
-            models = [request.model] if request.model else sorted(self._repository.models)
-            routes = [self._route_message(m) for m in models]
-        except GatewayError as e:
-            reject(context, "Admin.GetRoutes", e)
-            return pb.GetRoutesResponse()
+        self._caller(context, "viewer", "GetRoutes")
+        models = [request.model] if request.model else sorted(self._repository.models)
+        routes = [self._route_message(m) for m in models]
         return pb.GetRoutesResponse(routes=routes, table_version=self._routes.table.version)
 
     def _known(self, model: str, required: bool = False) -> None:
@@ -146,25 +139,19 @@ class AdminServicer:
         if model and model not in self._repository.models:
             raise NotFound(f"model: unknown model {model!r}")
 
+    @refusals_answered(pb.HistoryResponse)
     async def History(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            self._caller(context, "viewer", "History")
-            self._known(request.model)
-            r = request
-            entries = self._routes.history(r.model or None, r.since_ns or None, r.until_ns or None)
-        except GatewayError as e:
-            reject(context, "Admin.History", e)
-            return pb.HistoryResponse()
+        self._caller(context, "viewer", "History")
+        self._known(request.model)
+        r = request
+        entries = self._routes.history(r.model or None, r.since_ns or None, r.until_ns or None)
         limit = request.limit or len(entries)
         return pb.HistoryResponse(entries=[_entry(e) for e in entries[-limit:]])
 
+    @refusals_answered(pb.AgreementResponse)
     async def Agreement(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            self._caller(context, "viewer", "Agreement")
-            self._known(request.model)
-        except GatewayError as e:
-            reject(context, "Admin.Agreement", e)
-            return pb.AgreementResponse()
+        self._caller(context, "viewer", "Agreement")
+        self._known(request.model)
         stats = [
             pb.AgreementStat(
                 model=model,
@@ -181,12 +168,9 @@ class AdminServicer:
         ]
         return pb.AgreementResponse(stats=stats)
 
+    @refusals_answered(pb.GetLogRecordsResponse)
     async def GetLogRecords(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            self._caller(context, "viewer", "GetLogRecords")
-        except GatewayError as e:
-            reject(context, "Admin.GetLogRecords", e)
-            return pb.GetLogRecordsResponse()
+        self._caller(context, "viewer", "GetLogRecords")
         response = pb.GetLogRecordsResponse()
         for request_id in request.request_ids:
             found = self._log.get(request_id)
@@ -217,12 +201,9 @@ class AdminServicer:
                 break
             yield pb.LogRecord(msgpack=encode(record))
 
+    @refusals_answered(pb.WhoAmIResponse)
     async def WhoAmI(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            identity = self._caller(context, "viewer", "WhoAmI")
-        except GatewayError as e:
-            reject(context, "Admin.WhoAmI", e)
-            return pb.WhoAmIResponse()
+        identity = self._caller(context, "viewer", "WhoAmI")
         return pb.WhoAmIResponse(name=identity.name, role=identity.role)
 
     # --- operator -------------------------------------------------------------------------------
@@ -239,21 +220,26 @@ class AdminServicer:
             lambda who: self._replace(request.model, who, request.reason, action, **fields()),
         )
 
+    @refusals_answered(pb.ChangeResponse)
     async def SetSplit(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._set(context, request, "split", lambda: {"split": _weights(request.split)})
 
+    @refusals_answered(pb.ChangeResponse)
     async def SetSticky(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         key = request.sticky_key
         return await self._set(
             context, request, "sticky", lambda: {"sticky_key": StickyKey.parse(key) if key else None}
         )
 
+    @refusals_answered(pb.ChangeResponse)
     async def SetShadows(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._set(context, request, "shadow", lambda: {"shadows": _weights(request.shadows)})
 
+    @refusals_answered(pb.ChangeResponse)
     async def SetPinPolicy(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._set(context, request, "pin", lambda: {"allow_pinning": request.allow_pinning})
 
+    @refusals_answered(pb.ChangeResponse)
     async def Promote(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         r = request
         return await self._change(
@@ -264,6 +250,7 @@ class AdminServicer:
             lambda who: self._routes.promote(r.model, r.version, who=who.name, why=r.reason),
         )
 
+    @refusals_answered(pb.ChangeResponse)
     async def Rollback(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         r = request
         return await self._change(
@@ -276,34 +263,26 @@ class AdminServicer:
 
     # --- admin ------------------------------------------------------------------------------------
 
+    @refusals_answered(pb.CreateTokenResponse)
     async def CreateToken(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            self._caller(context, "admin", "CreateToken")
-            token = self._tokens.create(request.role, request.name)
-        except GatewayError as e:
-            reject(context, "Admin.CreateToken", e)
-            return pb.CreateTokenResponse()
+        self._caller(context, "admin", "CreateToken")
+        token = self._tokens.create(request.role, request.name)
         return pb.CreateTokenResponse(token=token)
 
+    @refusals_answered(pb.RevokeTokenResponse)
     async def RevokeToken(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            self._caller(context, "admin", "RevokeToken")
-            admins = [t.name for t in self._tokens.records if t.role == "admin"]
-            if admins == [request.name]:
-                raise FailedPrecondition(
-                    f"name: {request.name!r} is the last admin token; create another admin token first"
-                )
-            self._tokens.revoke(request.name)
-        except GatewayError as e:
-            reject(context, "Admin.RevokeToken", e)
+        self._caller(context, "admin", "RevokeToken")
+        admins = [t.name for t in self._tokens.records if t.role == "admin"]
+        if admins == [request.name]:
+            raise FailedPrecondition(
+                f"name: {request.name!r} is the last admin token; create another admin token first"
+            )
+        self._tokens.revoke(request.name)
         return pb.RevokeTokenResponse()
 
+    @refusals_answered(pb.ListTokensResponse)
     async def ListTokens(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            self._caller(context, "admin", "ListTokens")
-        except GatewayError as e:
-            reject(context, "Admin.ListTokens", e)
-            return pb.ListTokensResponse()
+        self._caller(context, "admin", "ListTokens")
         return pb.ListTokensResponse(
             tokens=[pb.TokenInfo(name=t.name, role=t.role, created_ns=t.created_ns) for t in self._tokens.records]
         )

@@ -6,10 +6,12 @@ into gRPC status codes.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
+from typing import Any
 
 import grpc
 
@@ -39,6 +41,27 @@ def reject(context: grpc.aio.ServicerContext, method: str, error: GatewayError) 
     log.info("%s rejected with %s: %s", method, error.code.name, error.message)
     context.set_code(error.code)
     context.set_details(error.message)
+
+
+Rpc = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def refusals_answered(empty: Callable[[], Any]) -> Callable[[Rpc], Rpc]:
+    """For an RPC method: a GatewayError it raises becomes the call's status and message, answered
+    with an empty `empty()` message. (ModelInfer, the hot path, handles its errors inline.)"""
+
+    def wrap(method: Rpc) -> Rpc:
+        @functools.wraps(method)
+        async def rpc(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await method(self, request, context)
+            except GatewayError as e:
+                reject(context, method.__name__, e)
+                return empty()
+
+        return rpc
+
+    return wrap
 
 
 def _parameter_reader(request: pb.ModelInferRequest) -> Callable[[str], str | None]:
@@ -84,28 +107,22 @@ class InferenceServicer:
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._repository.ready)
 
+    @refusals_answered(pb.ModelReadyResponse)
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        try:
-            return pb.ModelReadyResponse(ready=self._repository.get(request.name, request.version).ready)
-        except GatewayError as e:
-            reject(context, "ModelReady", e)
-            return pb.ModelReadyResponse()
+        return pb.ModelReadyResponse(ready=self._repository.get(request.name, request.version).ready)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=EXTENSIONS)
 
+    @refusals_answered(pb.ModelMetadataResponse)
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        try:
-            version = self._repository.get_ready(request.name, request.version)
-        except GatewayError as e:
-            reject(context, "ModelMetadata", e)
-            return pb.ModelMetadataResponse()
+        version = self._repository.get_ready(request.name, request.version)
         assert version.model is not None
         return pb.ModelMetadataResponse(
             name=version.name,
@@ -115,32 +132,23 @@ class InferenceServicer:
             outputs=[_tensor_metadata(s) for s in version.model.outputs],
         )
 
+    @refusals_answered(pb.ModelConfigResponse)
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        try:
-            version = self._repository.get_ready(request.name, request.version)
-        except GatewayError as e:
-            reject(context, "ModelConfig", e)
-            return pb.ModelConfigResponse()
+        version = self._repository.get_ready(request.name, request.version)
         return pb.ModelConfigResponse(config=_model_config(version))
 
+    @refusals_answered(pb.ModelStatisticsResponse)
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        try:
-            if request.name:
-                versions = self._repository.versions_of(request.name)
-                chosen = (
-                    [self._repository.get(request.name, request.version)]
-                    if request.version
-                    else list(versions.values())
-                )
-            else:
-                chosen = self._repository.all_versions()
-        except GatewayError as e:
-            reject(context, "ModelStatistics", e)
-            return pb.ModelStatisticsResponse()
+        if not request.name:
+            chosen = self._repository.all_versions()
+        elif request.version:
+            chosen = [self._repository.get(request.name, request.version)]
+        else:
+            chosen = list(self._repository.versions_of(request.name).values())
         return pb.ModelStatisticsResponse(model_stats=[_statistics(v) for v in chosen])
 
     async def ModelInfer(
