@@ -80,8 +80,10 @@ class MicroBatcher:
 
     def _should_wait(self) -> bool:
         """Idle mode runs a request at once, except for one probe per interval."""
-        if self._batching or self._max_wait_s <= 0 or self._max_rows == 1:
-            return self._batching and self._max_wait_s > 0 and self._max_rows > 1
+        if self._max_wait_s <= 0 or self._max_rows == 1:
+            return False
+        if self._batching:
+            return True
         now = time.monotonic()
         if now < self._next_probe:
             return False

@@ -54,10 +54,8 @@ class LogWriter:
         self._syncer = threading.Thread(target=self._run_syncer, name="log-fsync", daemon=True) if durable else None
         if self._syncer is not None:
             self._syncer.start()
-        self.commits = 0
         self.fsyncs = 0
         self.records_written = 0
-        self.refused = 0
 
     def live_segment(self) -> Segment:
         """The segment being written (an in-process reader must share it: LMDB allows one open per process)."""
@@ -145,7 +143,6 @@ class LogWriter:
             self._put_all(records)
         except lmdb.MapFullError:
             self._put_one_by_one(records)
-        self.commits += 1
         self.records_written += len(records)
         # env.info() per commit would cost more than the commit: look every 1/32 of a segment or 50 ms.
         now = time.monotonic()
@@ -158,7 +155,6 @@ class LogWriter:
     def admit(self) -> None:
         """Refuse new work while too many records wait for their commit (checked before any work)."""
         if self.queue_depth >= self._config.max_pending:
-            self.refused += 1
             raise ResourceExhausted(
                 f"request log: {self.queue_depth} answers are waiting for their fsync (log.max_pending "
                 f"{self._config.max_pending}); retry later"
