@@ -101,10 +101,11 @@ def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:
     )
 
 
-def encode_response(response: InferenceResponse) -> pb.ModelInferResponse:
-    message = pb.ModelInferResponse(
-        model_name=response.model_name, model_version=response.model_version, id=response.id
-    )
+def encode_response(response: InferenceResponse, message: pb.ModelInferResponse) -> pb.ModelInferResponse:
+    """Fill `message` (empty): a fresh one for ModelInfer, the `infer_response` field of a stream's reply."""
+    message.model_name = response.model_name
+    message.model_version = response.model_version
+    message.id = response.id
     message.parameters["request_id"].string_param = response.request_id
     outputs = message.outputs
     raw = message.raw_output_contents

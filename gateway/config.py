@@ -25,8 +25,13 @@ class ServerConfig:
     port: int = 8001
     max_message_bytes: int = 64 * 1024 * 1024
     grace_period_s: float = 10.0
+    stream_max_in_flight: int = 64  # ModelStreamInfer: requests read but not yet answered, per stream
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     state_dir: str = "gateway-state"
+
+    def __post_init__(self) -> None:
+        if self.stream_max_in_flight < 1:
+            raise ConfigError(f"server.stream_max_in_flight: must be at least 1, got {self.stream_max_in_flight}")
 
 
 @dataclass(frozen=True)

@@ -48,12 +48,20 @@ def _types(service: ServiceDescriptor, method_name: str) -> tuple[Any, Any]:
     )
 
 
+_HANDLERS = {  # (client streaming, server streaming) -> handler factory
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
 def add_service(server: grpc.aio.Server, service: ServiceDescriptor, implementation: object) -> None:
-    """Register `implementation.<RpcName>` for every RPC of `service` (unary or server-streaming)."""
+    """Register `implementation.<RpcName>` for every RPC of `service`."""
     handlers = {}
     for method in service.methods:
         request_type, response_type = _types(service, method.name)
-        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        make = _HANDLERS[method.client_streaming, method.server_streaming]
         handlers[method.name] = make(
             getattr(implementation, method.name),
             request_deserializer=request_type.FromString,
@@ -71,7 +79,12 @@ class Stub:
         service = service or inference.GRPCInferenceService
         for method in service.methods:
             request_type, response_type = _types(service, method.name)
-            make = channel.unary_stream if method.server_streaming else channel.unary_unary
+            make = {
+                (False, False): channel.unary_unary,
+                (False, True): channel.unary_stream,
+                (True, False): channel.stream_unary,
+                (True, True): channel.stream_stream,
+            }[method.client_streaming, method.server_streaming]
             callable_ = make(
                 f"/{service.full_name}/{method.name}",
                 request_serializer=request_type.SerializeToString,

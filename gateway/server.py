@@ -53,7 +53,13 @@ class Gateway:
         protocol.add_service(
             self.server,
             protocol.inference.GRPCInferenceService,
-            InferenceServicer(self.repository, self.service, self.tokens, config.auth.inference == "token"),
+            InferenceServicer(
+                self.repository,
+                self.service,
+                self.tokens,
+                require_token=config.auth.inference == "token",
+                stream_max_in_flight=config.server.stream_max_in_flight,
+            ),
         )
         admin = AdminServicer(self.repository, self.routes, self.tokens, self.shadows, self.log_reader)
         # The operator API shares the inference port unless admin.port names its own (e.g. a port

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Any
 
 import grpc
 
-from gateway.auth import TokenStore
+from gateway.auth import Identity, TokenStore
 from gateway.codec import decode_request, encode_response
 from gateway.errors import GatewayError
 from gateway.inference import InferenceService
 from gateway.protocol import inference as pb
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.runtime import TensorSpec
+from gateway.streaming import RequestStream
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +90,18 @@ class InferenceServicer:
     """Implements every RPC of `inference.GRPCInferenceService` (registered by `protocol.add_service`)."""
 
     def __init__(
-        self, repository: ModelRepository, service: InferenceService, tokens: TokenStore, require_token: bool
+        self,
+        repository: ModelRepository,
+        service: InferenceService,
+        tokens: TokenStore,
+        require_token: bool,
+        stream_max_in_flight: int,
     ) -> None:
         self._repository = repository
         self._service = service
         self._tokens = tokens
         self._require_token = require_token
+        self._stream_max_in_flight = stream_max_in_flight
         self._version = _server_version()
 
     async def ServerLive(
@@ -151,17 +158,22 @@ class InferenceServicer:
             chosen = list(self._repository.versions_of(request.name).values())
         return pb.ModelStatisticsResponse(model_stats=[_statistics(v) for v in chosen])
 
+    def _caller(self, headers: dict[str, str]) -> Identity | None:
+        authorization = headers.get("authorization")
+        if authorization is None and not self._require_token:
+            return None
+        return self._tokens.authenticate(authorization)
+
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         try:
             decoded = decode_request(request)
             headers = dict(context.invocation_metadata() or ())
-            authorization = headers.get("authorization")
-            if authorization is not None or self._require_token:
-                decoded.caller = self._tokens.authenticate(authorization)
+            decoded.caller = self._caller(headers)
         except GatewayError as e:
-            return await self._reject_unprocessed(request, context, e)
+            reject(context, "ModelInfer", await self._log_unprocessed(request, e))
+            return pb.ModelInferResponse()
         decoded.headers = headers
         decoded.parameter = _parameter_reader(request)
         try:
@@ -169,19 +181,59 @@ class InferenceServicer:
         except GatewayError as e:
             reject(context, "ModelInfer", e)
             return pb.ModelInferResponse()
-        return encode_response(response)
+        return encode_response(response, pb.ModelInferResponse())
 
-    async def _reject_unprocessed(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, error: GatewayError
-    ) -> pb.ModelInferResponse:
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton's streaming inference: every request gets one reply (its own error included) and the
+        same routing, validation and logging as ModelInfer; the stream's metadata applies to all."""
+        headers = dict(context.invocation_metadata() or ())
+        try:
+            caller, refused = self._caller(headers), None
+        except GatewayError as e:  # each request is still answered, and logged, with the refusal
+            caller, refused = None, e
+
+        async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            try:
+                if refused is not None:
+                    raise refused
+                decoded = decode_request(request)
+            except GatewayError as e:
+                return _stream_error(request, await self._log_unprocessed(request, e))
+            decoded.caller = caller
+            decoded.headers = headers
+            decoded.parameter = _parameter_reader(request)
+            try:
+                response = await self._service.infer(decoded)
+            except GatewayError as e:
+                return _stream_error(request, e)
+            reply = pb.ModelStreamInferResponse()
+            encode_response(response, reply.infer_response)
+            return reply
+
+        async for reply in RequestStream(answer, self._stream_max_in_flight).replies(requests):
+            yield reply
+
+    async def _log_unprocessed(self, request: pb.ModelInferRequest, error: GatewayError) -> GatewayError:
+        """Log a request refused before processing; return the error to answer with."""
         try:
             await self._service.reject_unprocessed(
                 request.model_name, request.model_version, request.id, error, request.SerializeToString()
             )
         except GatewayError as log_error:  # the log could not take the record: say so instead
-            error = log_error
-        reject(context, "ModelInfer", error)
-        return pb.ModelInferResponse()
+            return log_error
+        return error
+
+
+def _stream_error(request: pb.ModelInferRequest, error: GatewayError) -> pb.ModelStreamInferResponse:
+    """One streamed request's failure: its status and message in `error_message`, its id in the reply."""
+    log.info("ModelStreamInfer request %r rejected with %s: %s", request.id, error.code.name, error.message)
+    reply = pb.ModelStreamInferResponse(error_message=f"{error.code.name}: {error.message}")
+    reply.infer_response.id = request.id
+    reply.infer_response.model_name = request.model_name
+    reply.infer_response.model_version = request.model_version
+    return reply
 
 
 def _model_config(version: ModelVersion) -> pb.ModelConfig:

@@ -12,6 +12,8 @@ the sticky variant reads it, the others ignore it, so the variants differ in the
     log-fsync           [log] sync = "fsync"
     split-90-10-sticky  SetSplit(mlp, 1=9000 2=1000) and SetSticky(mlp, x-user-id) through the admin API,
                         then checked: answers per version match the split, a key always gets the same version
+    streaming           as single, but the load goes over ModelStreamInfer: one stream per generator process
+                        with all of its requests in flight on it (no sticky metadata: it is per stream)
 
 The table shows throughput, latency, the server's CPU per request (from /proc/PID/stat, warm-up
 included), how busy server and client were, how much of the server's and of the client's CPU other
@@ -25,6 +27,7 @@ each judged on the median of its per-round ratios:
     single    >= 0.90 x log-off  (throughput at c16)
     log-fsync >= 0.60 x log-off  (throughput at c16; p99 of both reported)
     split-90-10-sticky >= 0.95 x single  (throughput at c16)
+    streaming >= 2.0 x single  (throughput at c16; and its p50 at c1 no worse than single's)
 
     python loadtests/bench_variants.py [--duration 6 | --requests N] [--concurrency 16] [--rounds 1]
                                        [--variants single,log-off,...] [--baseline single]
@@ -99,6 +102,7 @@ class Variant:
     config: str = ""  # gateway TOML
     env: Mapping[str, str] = field(default_factory=dict)  # added to the gateway's environment
     route: RouteSetup | None = None
+    streaming: bool = False  # load over ModelStreamInfer (one stream per generator process) instead of ModelInfer
 
 
 VARIANTS = (
@@ -110,6 +114,7 @@ VARIANTS = (
         "two versions, 90/10 split, sticky on x-user-id",
         route=RouteSetup((("1", 9000), ("2", 1000)), STICKY_HEADER),
     ),
+    Variant("streaming", "as single, but the load is sent over one ModelStreamInfer stream", streaming=True),
 )
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -132,6 +137,7 @@ TARGETS = (
     Target("single", "log-off", 0.90),
     Target("log-fsync", "log-off", 0.60, show_p99=True),
     Target("split-90-10-sticky", "single", 0.95),
+    Target("streaming", "single", 2.0),
 )
 
 
@@ -320,8 +326,9 @@ def run_variant(
                 requests=args.requests,
                 warmup_s=args.warmup,
                 cpus=placement.client_cpus,
-                sticky_keys=args.sticky_keys,
+                sticky_keys=0 if variant.streaming else args.sticky_keys,  # a stream's metadata is per stream
                 sticky_header=STICKY_HEADER,
+                streaming=variant.streaming,
             )
             before = version_counts(server.channel)
             meter = OtherLoadMeter(placement)

@@ -11,12 +11,18 @@ Every run is bounded: a time-based warm-up excluded from the figures, then eithe
 or a fixed request count (cut off, and marked truncated, at `max_seconds`). Latencies go into one HDR
 histogram per process, merged exactly at the end; failures are counted by gRPC status code.
 
+With `streaming`, each process opens one ModelStreamInfer stream (one connection) and keeps its
+callers' share of requests in flight on it: a closed loop where each answer sends that slot's next
+request. Each slot's request carries its own id (`lg-<slot>`), which the answer echoes, so latency
+is measured per request even when answers come back out of order.
+
 For sticky routing, `sticky_keys` > 0 sends metadata `<sticky_header>: user-<n>` with every call,
 cycling n over that many distinct keys (each process from its own offset). The metadata objects are
 built once, so a call pays one list index for its key.
 
     python loadtests/loadgen.py --target 127.0.0.1:8001 --concurrency 16 --duration 10 --cpu 1
     python loadtests/loadgen.py --target 127.0.0.1:8001 --sticky-keys 10000   # x-user-id: user-0 .. user-9999
+    python loadtests/loadgen.py --target 127.0.0.1:8001 --streaming --concurrency 16
 """
 
 from __future__ import annotations
@@ -41,11 +47,14 @@ from pathlib import Path
 import grpc
 import uvloop
 from affinity import parse_cpus, pin
-from floor_server import MODEL_INFER
+from floor_server import MODEL_INFER, SERVICE
 from hdrh.histogram import HdrHistogram
 from latency import Latency, new_histogram, record_ns
 from models import MODEL_NAME, OutputCheck, build_infer_request
 
+from gateway.protocol import inference as pb
+
+MODEL_STREAM_INFER = f"/{SERVICE}/ModelStreamInfer"
 INVALID_RESPONSE = "INVALID_RESPONSE"  # counted like a status code when `check` rejects an answer
 CONNECT_TIMEOUT_S = 30.0
 REPORT_POLL_S = 0.5
@@ -69,6 +78,7 @@ class LoadSpec:
     cpus: frozenset[int] | None = None  # pin the generator's processes here
     sticky_keys: int = 0  # > 0: every call carries metadata `sticky_header: user-<n>`, n cycling over this many
     sticky_header: str = "x-user-id"
+    streaming: bool = False  # ModelStreamInfer: one stream per process carrying its callers' requests
 
     def __post_init__(self) -> None:
         if (self.duration_s is None) == (self.requests is None):
@@ -81,6 +91,8 @@ class LoadSpec:
             raise ValueError("sticky_keys must be at least 0")
         if not self.sticky_header or self.sticky_header != self.sticky_header.lower():
             raise ValueError(f"sticky_header {self.sticky_header!r}: gRPC metadata keys are non-empty lowercase")
+        if self.streaming and (self.sticky_keys or self.method != MODEL_INFER):
+            raise ValueError("streaming sends ModelStreamInfer without per-call metadata: no sticky_keys or method")
 
 
 def sticky_metadata(spec: LoadSpec) -> list[grpc.aio.Metadata]:
@@ -103,6 +115,7 @@ class LoadResult:
     wall_s: float  # the whole run, warm-up included (longest process)
     client_cpu_s: float  # CPU the generator's processes used during the whole run
     truncated: bool  # a fixed-count run hit max_seconds before sending every request
+    streaming: bool
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -173,16 +186,56 @@ class _ClosedLoop:
                 status = None if check is None or check(response) else INVALID_RESPONSE
             except grpc.aio.AioRpcError as e:
                 status = e.code().name
-            end = time.monotonic_ns()
-            self.sent += 1
-            if not measured:
-                continue
-            self.last_end_ns = max(self.last_end_ns, end)
-            if status is None:
-                self.ok += 1
-                record_ns(self.histogram, end - start)
+            self._tally(measured, start, status)
+
+    def _tally(self, measured: bool, start_ns: int, status: str | None) -> None:
+        end = time.monotonic_ns()
+        self.sent += 1
+        if not measured:
+            return
+        self.last_end_ns = max(self.last_end_ns, end)
+        if status is None:
+            self.ok += 1
+            record_ns(self.histogram, end - start_ns)
+        else:
+            self.errors[status] += 1
+
+    async def stream(self, call: grpc.aio.StreamStreamMultiCallable, slots: int) -> None:
+        """`slots` requests in flight on one stream; each answer sends its slot's next request."""
+        bodies = [_with_id(self.spec.body, f"lg-{slot}") for slot in range(slots)]
+        started = [0] * slots
+        measured = [False] * slots
+        check = self.spec.check
+        stream = call()
+
+        async def send(slot: int) -> bool:
+            start = time.monotonic_ns()
+            admitted = self._admit(start)
+            if admitted is None:
+                return False
+            started[slot], measured[slot] = start, admitted
+            await stream.write(bodies[slot])
+            return True
+
+        in_flight = 0
+        for slot in range(slots):
+            in_flight += await send(slot)
+        while in_flight:
+            reply = await asyncio.wait_for(stream.read(), self.spec.rpc_timeout_s)
+            if reply is grpc.aio.EOF:
+                raise RuntimeError(f"the stream ended with {in_flight} requests unanswered")
+            answer = pb.ModelStreamInferResponse.FromString(reply)
+            slot = int(answer.infer_response.id.removeprefix("lg-"))
+            if answer.error_message:
+                status: str | None = answer.error_message.partition(":")[0]
+            elif check is not None and not check(answer.infer_response.SerializeToString()):
+                status = INVALID_RESPONSE
             else:
-                self.errors[status] += 1
+                status = None
+            self._tally(measured[slot], started[slot], status)
+            in_flight -= 1
+            in_flight += await send(slot)
+        await stream.done_writing()
 
     def report(self, cpu_s: float) -> _Report:
         return _Report(
@@ -198,14 +251,23 @@ class _ClosedLoop:
         )
 
 
+def _with_id(body: bytes, request_id: str) -> bytes:
+    request = pb.ModelInferRequest.FromString(body)
+    request.id = request_id
+    return bytes(request.SerializeToString())
+
+
 async def _drive(spec: LoadSpec, callers: int, requests: int | None, barrier: Barrier, first_key: int) -> _Report:
     async with grpc.aio.insecure_channel(spec.target) as channel:
         await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
-        call = channel.unary_unary(spec.method)  # no serializers: bytes in, bytes out
         barrier.wait(CONNECT_TIMEOUT_S)  # every process starts its clock together
         cpu_start = time.process_time()
         loop = _ClosedLoop(spec, requests, first_key)
-        await asyncio.gather(*(loop.caller(call) for _ in range(callers)))
+        if spec.streaming:  # no serializers: bytes in, bytes out
+            await loop.stream(channel.stream_stream(MODEL_STREAM_INFER), callers)
+        else:
+            call = channel.unary_unary(spec.method)
+            await asyncio.gather(*(loop.caller(call) for _ in range(callers)))
         return loop.report(time.process_time() - cpu_start)
 
 
@@ -246,6 +308,7 @@ def _merge(spec: LoadSpec, processes: int, reports: list[_Report]) -> LoadResult
         wall_s=round(max(r.wall_s for r in reports), 3),
         client_cpu_s=round(sum(r.cpu_s for r in reports), 3),
         truncated=any(r.truncated for r in reports),
+        streaming=spec.streaming,
     )
 
 
@@ -300,8 +363,9 @@ def format_result(result: LoadResult) -> str:
     lat = result.latency
     errors = ", ".join(f"{code} {n}" for code, n in sorted(result.errors.items())) or "none"
     cpu = 100 * result.client_cpu_s / result.wall_s if result.wall_s else 0.0
+    method = MODEL_STREAM_INFER if result.streaming else result.method
     return (
-        f"{result.target}{result.method}  concurrency {result.concurrency} in {result.processes} process(es)\n"
+        f"{result.target}{method}  concurrency {result.concurrency} in {result.processes} process(es)\n"
         f"  throughput {result.throughput:.0f} req/s ({result.ok} ok in {result.elapsed_s:.2f} s"
         f"{', TRUNCATED at max-seconds' if result.truncated else ''})\n"
         f"  latency us: p50 {lat.p50_us}  p90 {lat.p90_us}  p99 {lat.p99_us}  max {lat.max_us}  mean {lat.mean_us}\n"
@@ -331,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--sticky-keys", type=int, default=0, help="send metadata STICKY_HEADER: user-<n>, n cycling over this many"
     )
     parser.add_argument("--sticky-header", default="x-user-id", help="metadata key of --sticky-keys")
+    parser.add_argument(
+        "--streaming", action="store_true", help="send over ModelStreamInfer: one stream per process, all in flight"
+    )
     parser.add_argument("--json", type=Path, help="also write the result to this file")
     return parser
 
@@ -355,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         cpus=args.cpu,
         sticky_keys=args.sticky_keys,
         sticky_header=args.sticky_header,
+        streaming=args.streaming,
     )
     result = run_load(spec)
     print(format_result(result))
