@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import uvloop
@@ -33,10 +33,28 @@ def bytes_handler(response: bytes) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(answer, request_deserializer=None, response_serializer=None)
 
 
-async def _serve(model_infer: grpc.RpcMethodHandler, host: str, port: int) -> None:
+def stream_echo_handler(response: pb.ModelInferResponse) -> grpc.RpcMethodHandler:
+    """A ModelStreamInfer handler answering each request with `response` carrying the request's id: the
+    streaming transport's floor (one parse and one serialise per message, needed to echo the id)."""
+
+    async def answer(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        reply = pb.ModelStreamInferResponse()
+        reply.infer_response.CopyFrom(response)
+        async for request in requests:
+            reply.infer_response.id = pb.ModelInferRequest.FromString(request).id
+            yield reply.SerializeToString()
+
+    return grpc.stream_stream_rpc_method_handler(answer, request_deserializer=None, response_serializer=None)
+
+
+async def _serve(
+    model_infer: grpc.RpcMethodHandler, host: str, port: int, stream_infer: grpc.RpcMethodHandler | None = None
+) -> None:
     server = grpc.aio.server()
     ready = bytes_handler(pb.ServerReadyResponse(ready=True).SerializeToString())
     handlers = {"ModelInfer": model_infer, "ServerReady": ready}
+    if stream_infer is not None:
+        handlers["ModelStreamInfer"] = stream_infer
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     address = f"{host}:{port}"
     bound = server.add_insecure_port(address)
@@ -57,6 +75,7 @@ def main(
     model_infer: Callable[[argparse.Namespace], grpc.RpcMethodHandler],
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
     argv: list[str] | None = None,
+    stream_infer: grpc.RpcMethodHandler | None = None,
 ) -> None:
     """Parse the common flags (and the floor's own), pin, build the handler, serve until SIGTERM."""
     parser = argparse.ArgumentParser(description=description)
@@ -67,4 +86,4 @@ def main(
         add_arguments(parser)
     args = parser.parse_args(argv)
     pin(args.cpu)  # before grpc and onnxruntime start their threads, so those inherit it
-    uvloop.run(_serve(model_infer(args), args.host, args.port))
+    uvloop.run(_serve(model_infer(args), args.host, args.port, stream_infer))
