@@ -159,7 +159,8 @@ sys.path.insert(0, {tests!r})
 from test_streaming import _raw_mlp_request
 from gateway.protocol import Stub
 channel = grpc.insecure_channel({address!r})
-replies = Stub(channel).ModelStreamInfer(_raw_mlp_request(f"dying-{{i}}", np.ones((1, 32), np.float32)) for i in range(400))
+x = np.ones((1, 32), np.float32)
+replies = Stub(channel).ModelStreamInfer(_raw_mlp_request(f"dying-{{i}}", x) for i in range(400))
 for count, reply in enumerate(replies, 1):
     print(reply.infer_response.id, flush=True)
     if count == 25:
