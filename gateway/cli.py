@@ -9,6 +9,7 @@ import sys
 from gateway import admin_cli
 from gateway import config as config_module
 from gateway.errors import ConfigError
+from gateway.ood import commands as ood_commands
 from gateway.requestlog import commands as log_commands
 
 
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     log_commands.add_parser(commands)
+    ood_commands.add_parser(commands)
     admin_cli.add_parsers(commands)
     return parser
 

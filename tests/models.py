@@ -23,7 +23,7 @@ DTYPES = {
 }
 
 
-def _save(repo: Path, name: str, version: str, graph: onnx.GraphProto, toml: str | None = None) -> Path:
+def save_model(repo: Path, name: str, version: str, graph: onnx.GraphProto, toml: str | None = None) -> Path:
     model = helper.make_model(graph, opset_imports=OPSET)
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -158,26 +158,26 @@ auc = 0.91
 
 def build_repository(repo: Path) -> Path:
     """The standard test repository: several models covering the protocol's cases."""
-    _save(repo, "mlp", "1", mlp_graph(seed=0), PROVENANCE)
-    _save(repo, "mlp", "2", mlp_graph(seed=1))
+    save_model(repo, "mlp", "1", mlp_graph(seed=0), PROVENANCE)
+    save_model(repo, "mlp", "2", mlp_graph(seed=1))
     for dtype in DTYPES:
-        _save(repo, f"identity_{dtype.lower()}", "1", identity_graph(dtype))
-    _save(repo, "sequence", "1", identity_graph("FP32", width="S"))
-    _save(repo, "two_outputs", "1", two_outputs_graph())
-    _save(repo, "fixed", "1", fixed_shape_graph())
-    _save(repo, "gather", "1", gather_graph())
+        save_model(repo, f"identity_{dtype.lower()}", "1", identity_graph(dtype))
+    save_model(repo, "sequence", "1", identity_graph("FP32", width="S"))
+    save_model(repo, "two_outputs", "1", two_outputs_graph())
+    save_model(repo, "fixed", "1", fixed_shape_graph())
+    save_model(repo, "gather", "1", gather_graph())
     # Memory-bound per row (the weights stream from RAM for every run), cheap per extra row: the
     # case micro-batching is for. The gateway fixture runs one inline and one on a thread.
     for name in ("wide_inline", "wide_thread"):
-        _save(repo, name, "1", heavy_graph())
+        save_model(repo, name, "1", heavy_graph())
     # A model with a fast primary, a slow candidate and a broken candidate: shadow tests.
-    _save(repo, "shadowed", "1", identity_graph("FP32", width=64))
-    _save(repo, "shadowed", "2", heavy_graph())
-    _save(repo, "shadowed", "3", failing_graph())
+    save_model(repo, "shadowed", "1", identity_graph("FP32", width=64))
+    save_model(repo, "shadowed", "2", heavy_graph())
+    save_model(repo, "shadowed", "3", failing_graph())
     return repo
 
 
 def build_heavy_repository(repo: Path) -> Path:
-    _save(repo, "heavy", "1", heavy_graph())
-    _save(repo, "broken", "1", broken_graph())
+    save_model(repo, "heavy", "1", heavy_graph())
+    save_model(repo, "broken", "1", broken_graph())
     return repo

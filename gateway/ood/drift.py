@@ -1,0 +1,220 @@
+"""Drift of live traffic away from a version's training data, per feature, and an alert with hysteresis.
+
+The request path hands each request's rows to `DriftMonitor.observe` (a slice copy into a ring buffer of
+the last `window` rows); a periodic task calls `report()`, which compares the window with the profile:
+PSI on the training decile bins and the KS statistic on the training percentile grid. A feature drifts
+when either crosses its threshold; the alert fires when a feature drifts with at least `min_rows` in the
+window and clears only when every feature is back below `clear_ratio` of both thresholds, so a window
+hovering at the threshold does not flap. `plot_drift` draws the drifting features for an operator
+(`plot_histograms` draws the same from plain data, e.g. what the admin API returns).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.ood.profile import N_BINS, Array, Profile
+
+PSI_EPSILON = 1e-4  # stands in for an empty bin's fraction: ln(0) would make PSI infinite
+
+
+@dataclass(frozen=True, eq=False)
+class DriftReport:
+    """The window compared with the profile at one moment."""
+
+    profile: Profile
+    n_rows: int  # rows in the window
+    psi: Array  # (F,) population stability index per feature
+    ks: Array  # (F,) Kolmogorov-Smirnov statistic per feature (at the profile's percentile grid)
+    live_fractions: Array  # (F, N_BINS) the window's fraction in each of the profile's PSI bins
+    ood_rate: float  # fraction of the window's rows the scorer flagged
+    drifting: tuple[int, ...]  # drifting feature indices, largest PSI first (none below min_rows)
+    alert: bool
+    changed: bool  # this report fired or cleared the alert: the caller logs it
+
+    @property
+    def drifting_features(self) -> tuple[str, ...]:
+        return tuple(self.profile.feature_names[i] for i in self.drifting)
+
+
+class DriftMonitor:
+    """A window of a version's recent rows and the drift alert's state. One per version; not thread-safe."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        window: int = 2000,
+        psi_threshold: float = 0.2,
+        ks_threshold: float = 0.2,
+        min_rows: int = 500,
+        clear_ratio: float = 0.8,
+    ) -> None:
+        """Defaults: PSI 0.2 is the usual "significant shift" line; KS 0.2 flags a shift of similar size
+        (a normal feature whose mean moves by 0.45 std has PSI ~0.2 and KS ~0.18)."""
+        if window < 1 or not 1 <= min_rows <= window:
+            raise ValueError(f"need 1 <= min_rows ({min_rows}) <= window ({window})")
+        if psi_threshold <= 0 or ks_threshold <= 0 or not 0 < clear_ratio <= 1:
+            raise ValueError("thresholds must be positive and clear_ratio in (0, 1]")
+        self.profile = profile
+        self.window = window
+        self.psi_threshold = psi_threshold
+        self.ks_threshold = ks_threshold
+        self.min_rows = min_rows
+        self.clear_ratio = clear_ratio
+        self.observed = 0  # rows observed since start
+        self._rows = np.empty((window, profile.n_features))
+        self._flagged = np.zeros(window, dtype=bool)
+        self._next = 0  # ring position the next row goes to
+        self._filled = 0
+        self._alert = False
+
+    @property
+    def alert(self) -> bool:
+        return self._alert
+
+    def observe(self, rows: npt.ArrayLike, flagged_count: int = 0) -> None:
+        """Add a request's rows (n x F, any numeric dtype) and how many of them the scorer flagged.
+
+        The ring keeps flags per slot, marking the batch's first `flagged_count` rows: the window's OOD
+        count is exact while the whole batch is in the window.
+        """
+        array = np.asarray(rows)
+        if array.ndim != 2 or array.shape[1] != self.profile.n_features:
+            raise ValueError(
+                f"rows of shape {array.shape} do not have the profile's {self.profile.n_features} features"
+            )
+        n = len(array)
+        if not 0 <= flagged_count <= n:
+            raise ValueError(f"flagged_count {flagged_count} is not in [0, {n}]")
+        self.observed += n
+        if n > self.window:
+            flagged_count = max(flagged_count - (n - self.window), 0)
+            array = array[n - self.window :]
+            n = self.window
+        first = min(n, self.window - self._next)
+        self._put(self._next, array[:first], flagged_count)
+        self._put(0, array[first:], flagged_count - first)
+        self._next = (self._next + n) % self.window
+        self._filled = min(self._filled + n, self.window)
+
+    def _put(self, start: int, rows: np.ndarray, flagged: int) -> None:
+        end = start + len(rows)
+        self._rows[start:end] = rows
+        self._flagged[start:end] = False
+        self._flagged[start : start + min(max(flagged, 0), len(rows))] = True
+
+    def rows(self) -> Array:
+        """The window's rows, oldest first (a copy)."""
+        if self._filled < self.window:
+            return self._rows[: self._filled].copy()
+        return np.concatenate((self._rows[self._next :], self._rows[: self._next]))
+
+    def report(self) -> DriftReport:
+        """Compare the window with the profile and update the alert (O(window x F log window))."""
+        report = self.peek()
+        if self._alert:
+            calm = np.all(report.psi < self.clear_ratio * self.psi_threshold) and np.all(
+                report.ks < self.clear_ratio * self.ks_threshold
+            )
+            alert = not calm
+        else:
+            alert = bool(report.drifting)
+        changed = alert != self._alert
+        self._alert = alert
+        return replace(report, alert=alert, changed=changed)
+
+    def peek(self) -> DriftReport:
+        """The comparison without touching the alert state (for metrics or a plot)."""
+        profile = self.profile
+        n = self._filled
+        n_features = profile.n_features
+        psi = np.zeros(n_features)
+        ks = np.zeros(n_features)
+        live = np.zeros((n_features, N_BINS))
+        ordered = np.sort(self._rows[:n], axis=0)  # NaN sorts last and is left out below
+        counts = n - np.isnan(ordered).sum(axis=0)
+        for f in range(n_features):
+            m = int(counts[f])
+            if m == 0:
+                continue
+            column = ordered[:m, f]
+            # Bin b holds edge[b] <= x < edge[b + 1], outer bins open-ended: as the profile counted training rows.
+            below = np.searchsorted(column, profile.bin_edges[f, 1:-1], side="left")
+            live[f] = np.diff(below, prepend=0, append=m) / m
+            actual = np.maximum(live[f], PSI_EPSILON)
+            expected = np.maximum(profile.bin_fractions[f], PSI_EPSILON)
+            psi[f] = float(np.sum((actual - expected) * np.log(actual / expected)))
+            cdf = np.searchsorted(column, profile.ks_grid[f], side="right") / m
+            ks[f] = float(np.max(np.abs(cdf - profile.ks_cdf[f])))
+        drifting: tuple[int, ...] = ()
+        if n >= self.min_rows:
+            over = np.flatnonzero((psi > self.psi_threshold) | (ks > self.ks_threshold))
+            drifting = tuple(int(i) for i in over[np.argsort(-psi[over], kind="stable")])
+        ood_rate = float(self._flagged[:n].mean()) if n else 0.0
+        return DriftReport(profile, n, psi, ks, live, ood_rate, drifting, self._alert, False)
+
+
+@dataclass(frozen=True)
+class FeatureHistogram:
+    """One feature on the profile's PSI bins, as plain data: what a drift plot draws, so a client can also
+    plot what the admin API returns."""
+
+    name: str
+    bin_edges: Sequence[float]  # n_bins + 1 training quantiles; the outer bins are open-ended
+    training_fractions: Sequence[float]
+    live_fractions: Sequence[float]
+    psi: float
+    ks: float
+
+
+def plot_histograms(histograms: Sequence[FeatureHistogram], title: str, path: str | os.PathLike[str]) -> Path:
+    """Draw each feature's live fractions beside its training ones, one panel per feature, into a PNG.
+
+    Needs matplotlib (the `plot` extra).
+    """
+    from matplotlib.figure import Figure  # optional dependency; the object API leaves pyplot's global state alone
+
+    figure = Figure(figsize=(6.4, 0.4 + 2.6 * len(histograms)), layout="constrained")
+    axes = figure.subplots(len(histograms), 1, squeeze=False)[:, 0]
+    for ax, histogram in zip(axes, histograms, strict=True):
+        edges = histogram.bin_edges
+        n_bins = len(histogram.training_fractions)
+        positions = np.arange(n_bins)
+        ax.bar(positions - 0.2, histogram.training_fractions, width=0.4, label="training")
+        ax.bar(positions + 0.2, histogram.live_fractions, width=0.4, label="live")
+        labels = [f"<{edges[1]:.3g}", *(f"{edges[b]:.3g}–{edges[b + 1]:.3g}" for b in range(1, n_bins - 1))]
+        ax.set_xticks(positions, [*labels, f"≥{edges[n_bins - 1]:.3g}"], rotation=30, fontsize=7)
+        ax.set_ylabel("fraction of rows")
+        ax.set_title(f"{histogram.name}: PSI {histogram.psi:.2f}, KS {histogram.ks:.2f}")
+        ax.legend(fontsize=8)
+    figure.suptitle(title)
+    target = Path(path)
+    figure.savefig(target, dpi=100)
+    return target
+
+
+def plot_drift(source: DriftReport | DriftMonitor, path: str | os.PathLike[str], max_features: int = 8) -> Path:
+    """Plot the drifting features (largest PSI first; the largest-PSI feature when none drifts) into a PNG."""
+    report = source.peek() if isinstance(source, DriftMonitor) else source
+    profile = report.profile
+    features = list(report.drifting[:max_features]) or [int(np.argmax(report.psi))]
+    histograms = [
+        FeatureHistogram(
+            profile.feature_names[f],
+            profile.bin_edges[f].tolist(),
+            profile.bin_fractions[f].tolist(),
+            report.live_fractions[f].tolist(),
+            float(report.psi[f]),
+            float(report.ks[f]),
+        )
+        for f in features
+    ]
+    state = "ALERT" if report.alert else "no alert"
+    title = f"drift over {report.n_rows} rows (training decile bins); OOD rate {report.ood_rate:.1%}; {state}"
+    return plot_histograms(histograms, title, path)
