@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,12 +18,14 @@ import grpc
 
 from gateway.auth import Identity, Role, TokenStore, require
 from gateway.errors import ConfigError, FailedPrecondition, GatewayError, InvalidArgument, NotFound, Unavailable
+from gateway.ood.profile import N_BINS
 from gateway.protocol import admin as pb
-from gateway.repository import ModelRepository
+from gateway.repository import ModelRepository, ModelVersion
 from gateway.requestlog.reader import LogReader, Query
 from gateway.requestlog.record import encode
 from gateway.servicer import refusals_answered, reject
 from gateway.shadows import ShadowRunner
+from gateway.stats import Traffic
 from router.control import RouteControl
 from router.rules import DEFAULT_OVERRIDE_ROLES, ROLES, Route, StickyKey, default_route
 from router.store import ChangeEntry
@@ -55,6 +58,38 @@ def _entry(entry: ChangeEntry) -> Any:
     )
 
 
+DEFAULT_STATUS_WINDOW_S = 60.0
+
+
+def _version_drift(version: ModelVersion) -> Any:
+    """The version's recent inputs against its training profile, fresh (the alert as last evaluated)."""
+    message = pb.VersionDrift(version=version.version, has_profile=version.drift is not None)
+    monitor = version.drift
+    if monitor is None:
+        return message
+    report = monitor.peek()
+    profile = report.profile
+    message.window_rows = report.n_rows
+    message.observed_rows = monitor.observed
+    message.ood_rate = report.ood_rate
+    message.alert = report.alert
+    message.psi_threshold = monitor.psi_threshold
+    message.ks_threshold = monitor.ks_threshold
+    message.min_rows = monitor.min_rows
+    drifting = set(report.drifting)
+    for i, name in enumerate(profile.feature_names):
+        message.features.add(
+            name=name,
+            psi=float(report.psi[i]),
+            ks=float(report.ks[i]),
+            drifting=i in drifting,
+            bin_edges=profile.bin_edges[i].tolist(),
+            training_fractions=profile.bin_fractions[i].tolist(),
+            live_fractions=report.live_fractions[i].tolist() if report.n_rows else [0.0] * N_BINS,
+        )
+    return message
+
+
 class AdminServicer:
     """Implements every RPC of `canary.admin.v1.AdminService` (registered by `protocol.add_service`)."""
 
@@ -65,8 +100,10 @@ class AdminServicer:
         tokens: TokenStore,
         shadows: ShadowRunner,
         log_reader: LogReader,
+        traffic: Traffic,
     ) -> None:
         self._repository = repository
+        self._traffic = traffic
         self._routes = routes
         self._tokens = tokens
         self._shadows = shadows
@@ -167,6 +204,46 @@ class AdminServicer:
             if not request.model or model == request.model
         ]
         return pb.AgreementResponse(stats=stats)
+
+    @refusals_answered(pb.GetStatusResponse)
+    async def GetStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._caller(context, "viewer", "GetStatus")
+        self._known(request.model)
+        if request.window_s < 0:
+            raise InvalidArgument(f"window_s: {request.window_s} is negative")
+        window_s = request.window_s or DEFAULT_STATUS_WINDOW_S
+        now = time.time_ns()
+        response = pb.GetStatusResponse(window_s=window_s)
+        for model in [request.model] if request.model else sorted(self._repository.models):
+            status = response.models.add(
+                model=model,
+                route=self._route_message(model),
+                ood_policy=self._repository.get(model, "").serving.ood_policy,
+            )
+            for version in self._repository.versions_of(model).values():
+                report = version.drift_report
+                status.versions.add(
+                    version=version.version,
+                    state=version.state,
+                    reason=version.reason,
+                    has_profile=version.ood is not None,
+                    drift_alert=bool(report and report.alert),
+                    drifting_features=list(report.drifting_features) if report else [],
+                )
+            for (name, version_name, role), recent in sorted(self._traffic.recent.items()):
+                if name == model:
+                    summary = recent.summary(now, window_s)
+                    status.traffic.add(version=version_name, role=role, **summary._asdict())
+        return response
+
+    @refusals_answered(pb.GetDriftResponse)
+    async def GetDrift(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._caller(context, "viewer", "GetDrift")
+        self._known(request.model, required=True)
+        response = pb.GetDriftResponse(model=request.model)
+        for version in self._repository.versions_of(request.model).values():
+            response.versions.append(_version_drift(version))
+        return response
 
     @refusals_answered(pb.GetLogRecordsResponse)
     async def GetLogRecords(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -1,4 +1,4 @@
-"""`canary-gateway routes | tokens | whoami`: operate a running gateway through its admin API.
+"""`canary-gateway routes | tokens | whoami | status | drift`: operate a running gateway through its admin API.
 
 Every command is one call to `canary.admin.v1.AdminService` (protos/admin.proto) at `--address`,
 authenticated with a bearer token taken from `--token`, else `$CANARY_GATEWAY_TOKEN`, else the
@@ -344,6 +344,142 @@ def _list_tokens(args: argparse.Namespace) -> Result:
     }, _tokens_text
 
 
+def _status(args: argparse.Namespace) -> Result:
+    response = call(args, "GetStatus", pb.GetStatusRequest(model=args.model or "", window_s=args.window))
+    traffic_fields = (
+        "version",
+        "role",
+        "requests",
+        "rate_per_s",
+        "error_rate",
+        "p50_ms",
+        "p99_ms",
+        "ood_rate",
+        "scored",
+    )
+    version_fields = ("version", "state", "reason", "has_profile", "drift_alert")
+    models = [
+        {
+            "model": m.model,
+            "route": _route(m.route),
+            "ood_policy": m.ood_policy,
+            "versions": [
+                {**{f: getattr(v, f) for f in version_fields}, "drifting_features": list(v.drifting_features)}
+                for v in m.versions
+            ],
+            "traffic": [{f: getattr(t, f) for f in traffic_fields} for t in m.traffic],
+        }
+        for m in response.models
+    ]
+    return {"window_s": response.window_s, "models": models}, _status_text
+
+
+def _status_text(doc: Document) -> str:
+    blocks = []
+    for m in doc["models"]:
+        route = m["route"]
+        head = (
+            f"{m['model']}: split {_shares(route['split'] if route['explicit'] else None)}, "
+            f"sticky {route['sticky_key'] or '-'}, shadows {_shares(route['shadows'])}, ood policy {m['ood_policy']}"
+        )
+        traffic: dict[str, list[Document]] = {}
+        for t in m["traffic"]:
+            traffic.setdefault(t["version"], []).append(t)
+        rows = []
+        for v in m["versions"]:
+            drift = ("ALERT " + ",".join(v["drifting_features"][:4])) if v["drift_alert"] else "-"
+            profile = "yes" if v["has_profile"] else "none"
+            state = v["state"] if not v["reason"] else f"{v['state']} ({v['reason'][:40]})"
+            seen: list[Document | None] = list(traffic.get(v["version"], [])) or [None]
+            for t in seen:
+                figures: tuple[object, ...] = ("-",) * 6
+                if t is not None:
+                    ood = f"{t['ood_rate']:.1%}" if t["scored"] else "-"
+                    figures = (
+                        f"{t['rate_per_s']:.1f}",
+                        f"{t['error_rate']:.1%}",
+                        f"{t['p50_ms']:.2f}",
+                        f"{t['p99_ms']:.2f}",
+                        ood,
+                        t["requests"],
+                    )
+                rows.append((v["version"], state, t["role"] if t else "-", *figures, profile, drift))
+        headers = ("VERSION", "STATE", "ROLE", "REQ/S", "ERRORS", "P50 MS", "P99 MS", "OOD", "REQUESTS", "PROFILE")
+        blocks.append(head + "\n" + table((*headers, "DRIFT"), rows))
+    return f"last {doc['window_s']:g} s of traffic\n\n" + "\n\n".join(blocks)
+
+
+def _drift(args: argparse.Namespace) -> Result:
+    response = call(args, "GetDrift", pb.GetDriftRequest(model=args.model))
+    versions = []
+    for v in response.versions:
+        version: Document = {"version": v.version, "has_profile": v.has_profile}
+        if v.has_profile:
+            scalars = ("window_rows", "observed_rows", "ood_rate", "alert", "psi_threshold", "ks_threshold", "min_rows")
+            version.update({f: getattr(v, f) for f in scalars})
+            version["features"] = [
+                {
+                    "name": f.name,
+                    "psi": f.psi,
+                    "ks": f.ks,
+                    "drifting": f.drifting,
+                    "bin_edges": list(f.bin_edges),
+                    "training_fractions": list(f.training_fractions),
+                    "live_fractions": list(f.live_fractions),
+                }
+                for f in v.features
+            ]
+        versions.append(version)
+    doc = {"model": response.model, "versions": versions}
+    if args.plot:
+        doc["plots"] = [str(path) for path in _plot_drift(doc, args.plot)]
+    return doc, lambda d: _drift_text(d, args.all)
+
+
+def _plot_drift(doc: Document, path: str) -> list[Path]:
+    """One PNG per profiled version: FILE.png for one version, FILE-v<version>.png for several."""
+    from gateway.ood.drift import FeatureHistogram, plot_histograms
+
+    profiled = [v for v in doc["versions"] if v["has_profile"]]
+    written = []
+    for v in profiled:
+        target = Path(path) if len(profiled) == 1 else Path(path).with_name(f"{Path(path).stem}-v{v['version']}.png")
+        ranked = sorted(v["features"], key=lambda f: -f["psi"])
+        chosen = [f for f in ranked if f["drifting"]][:8] or ranked[:1]
+        histograms = [
+            FeatureHistogram(f["name"], f["bin_edges"], f["training_fractions"], f["live_fractions"], f["psi"], f["ks"])
+            for f in chosen
+        ]
+        title = (
+            f"{doc['model']} v{v['version']}: {v['window_rows']} recent rows vs training; "
+            f"OOD rate {v['ood_rate']:.1%}; {'ALERT' if v['alert'] else 'no alert'}"
+        )
+        written.append(plot_histograms(histograms, title, target))
+    return written
+
+
+def _drift_text(doc: Document, show_all: bool) -> str:
+    blocks = []
+    for v in doc["versions"]:
+        if not v["has_profile"]:
+            blocks.append(f"{doc['model']} version {v['version']}: no OOD profile (served unscored)")
+            continue
+        verdict = "" if v["window_rows"] >= v["min_rows"] else f"; no verdict below {v['min_rows']} rows"
+        head = (
+            f"{doc['model']} version {v['version']}: {v['window_rows']} rows in the window "
+            f"({v['observed_rows']} observed), OOD rate {v['ood_rate']:.1%}, "
+            f"drift alert {'ON' if v['alert'] else 'off'} (PSI > {v['psi_threshold']:g} or KS > {v['ks_threshold']:g}"
+            f"{verdict})"
+        )
+        ranked = sorted(v["features"], key=lambda f: -f["psi"])
+        shown = ranked if show_all else ranked[:10]
+        rows = [(f["name"], f"{f['psi']:.3f}", f"{f['ks']:.3f}", "DRIFTING" if f["drifting"] else "") for f in shown]
+        more = "" if len(shown) == len(ranked) else f"\n({len(ranked) - len(shown)} more features: --all)"
+        blocks.append(head + "\n" + table(("FEATURE", "PSI", "KS", ""), rows) + more)
+    plots = "".join(f"\nplot written to {p}" for p in doc.get("plots", []))
+    return "\n\n".join(blocks) + plots
+
+
 def _whoami(args: argparse.Namespace) -> Result:
     response = call(args, "WhoAmI", pb.WhoAmIRequest())
     doc = {
@@ -383,7 +519,7 @@ def _count(text: str) -> int:
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
-    """Register `routes`, `tokens` and `whoami` under the `canary-gateway` command."""
+    """Register `routes`, `tokens`, `whoami`, `status` and `drift` under the `canary-gateway` command."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--address", default=DEFAULT_ADDRESS, help=f"the gateway's HOST:PORT (default {DEFAULT_ADDRESS})"
@@ -447,3 +583,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     leaf(group, "list", _list_tokens, "names, roles and creation times (never the tokens)")
 
     leaf(commands, "whoami", _whoami, "the name and role of the token this command uses")
+    status = leaf(commands, "status", _status, "per model: route, and per version rate, errors, latency, OOD, drift")
+    status.add_argument("model", nargs="?")
+    status.add_argument("--window", type=float, default=60.0, help="seconds of recent traffic (default 60)")
+    drift = leaf(commands, "drift", _drift, "how far each version's recent inputs are from its training data")
+    drift.add_argument("model")
+    drift.add_argument("--plot", metavar="FILE.png", help="draw the drifting features' histograms (needs matplotlib)")
+    drift.add_argument("--all", action="store_true", help="list every feature, not the 10 with the largest PSI")

@@ -24,6 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         repository_path=args.model_repository,
         log_dir=args.log_dir,
+        metrics_port=args.metrics_port,
     )
     logging.basicConfig(level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     eventloop.run(serve(config), use_uvloop=not args.asyncio_loop)
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (default 8001; 0 picks a free port)")
     serve.add_argument("--state-dir", help="where the gateway keeps its state (default ./gateway-state)")
     serve.add_argument("--log-dir", help="the request log directory (default <state-dir>/log)")
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics")
     serve.add_argument("--asyncio-loop", action="store_true", help="use asyncio's event loop instead of uvloop")
     serve.set_defaults(func=_serve)
 

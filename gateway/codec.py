@@ -106,7 +106,14 @@ def encode_response(response: InferenceResponse, message: pb.ModelInferResponse)
     message.model_name = response.model_name
     message.model_version = response.model_version
     message.id = response.id
-    message.parameters["request_id"].string_param = response.request_id
+    parameters = message.parameters
+    parameters["request_id"].string_param = response.request_id
+    ood = response.ood
+    if ood is not None:
+        parameters["ood"].bool_param = ood.any_flagged
+        parameters["ood_score"].double_param = ood.max_score
+        if response.ood_features:
+            parameters["ood_features"].string_param = response.ood_features
     outputs = message.outputs
     raw = message.raw_output_contents
     for tensor in response.outputs:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from gateway.errors import ConfigError
 
 Execution = Literal["auto", "inline", "thread"]
+OodPolicy = Literal["flag", "reject", "fallback"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class ModelServingConfig:
     execution: Execution = "auto"
     inline_threshold_us: int = 1000
     reject_non_finite: bool = False
+    ood_policy: OodPolicy = "flag"  # what an out-of-distribution request gets (versions with a profile)
+    ood_fallback_version: str = ""  # ood_policy = "fallback": the version that answers such requests
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,37 @@ class ShadowConfig:
 
 
 @dataclass(frozen=True)
+class OodConfig:
+    """Out-of-distribution scoring and drift (see README, "Out-of-distribution inputs")."""
+
+    top_k: int = 3  # features named in ood_features and reject messages
+    drift_window_rows: int = 2000  # recent rows per version compared with the training profile
+    drift_min_rows: int = 200  # no drift verdict on fewer rows
+    drift_psi_threshold: float = 0.2  # a feature drifts when its PSI reaches this...
+    drift_ks_threshold: float = 0.2  # ...or its KS statistic reaches this (about the same shift as PSI 0.2)
+    drift_check_interval_s: float = 1.0  # how often drift is recomputed and alerts logged
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """OpenTelemetry exporters (see README, "Observability"); everything off by default."""
+
+    traces: Literal["none", "otlp", "console"] = "none"
+    metrics: Literal["none", "otlp", "prometheus", "console"] = "none"
+    trace_sample_ratio: float = 1.0  # share of traces kept (a caller's sampled traceparent is followed)
+    otlp_endpoint: str = "http://127.0.0.1:4317"  # OTLP/gRPC collector, for traces and metrics = "otlp"
+    otlp_insecure: bool = True  # plaintext to the collector
+    prometheus_host: str = "127.0.0.1"  # metrics = "prometheus": the scrape endpoint's address...
+    prometheus_port: int = 9464  # ...and port: http://HOST:PORT/metrics
+    export_interval_s: float = 10.0  # metrics pushed (otlp, console) this often
+    service_name: str = "canary-gateway"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise ConfigError(f"telemetry.trace_sample_ratio: {self.trace_sample_ratio} is not in [0, 1]")
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     repository: RepositoryConfig = field(default_factory=RepositoryConfig)
@@ -95,6 +129,8 @@ class GatewayConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     shadows: ShadowConfig = field(default_factory=ShadowConfig)
+    ood: OodConfig = field(default_factory=OodConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def serving(self, model: str) -> ModelServingConfig:
         return self.models.get(model, self.model_defaults)
@@ -181,10 +217,14 @@ def load(path: str | Path | None) -> GatewayConfig:
 
 def with_overrides(config: GatewayConfig, **flags: Any) -> GatewayConfig:
     """Apply command-line flags on top of the file: `port=1` sets server.port, `repository_path=x`
-    sets repository.path, `log_dir=x` sets log.dir; None means the flag was not given."""
-    sections: dict[str, dict[str, Any]] = {"server": {}, "repository": {}, "log": {}}
+    sets repository.path, `log_dir=x` sets log.dir, `metrics_port=N` turns on a Prometheus endpoint
+    on port N; None means the flag was not given."""
+    sections: dict[str, dict[str, Any]] = {"server": {}, "repository": {}, "log": {}, "telemetry": {}}
     for name, value in flags.items():
         if value is None:
+            continue
+        if name == "metrics_port":  # --metrics-port N: a Prometheus endpoint on port N
+            sections["telemetry"].update(metrics="prometheus", prometheus_port=value)
             continue
         section, _, key = name.partition("_") if name.startswith(("repository_", "log_")) else ("server", "", name)
         sections[section][key] = value
@@ -193,4 +233,5 @@ def with_overrides(config: GatewayConfig, **flags: Any) -> GatewayConfig:
         server=dataclasses.replace(config.server, **sections["server"]),
         repository=dataclasses.replace(config.repository, **sections["repository"]),
         log=dataclasses.replace(config.log, **sections["log"]),
+        telemetry=dataclasses.replace(config.telemetry, **sections["telemetry"]),
     )

@@ -34,8 +34,11 @@ def build_demo_repository(directory: str | Path) -> tuple[np.ndarray, np.ndarray
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    x, y = load_breast_cancer(return_X_y=True)
-    x = x.astype(np.float32)
+    from gateway.ood.profile import PROFILE_FILE, build_profile, save_profile
+
+    data = load_breast_cancer()
+    x, y = data.data.astype(np.float32), data.target
+    feature_names = tuple(name.replace(" ", "_") for name in data.feature_names)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
     candidates = {
         "1": ("logistic regression", make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))),
@@ -47,6 +50,7 @@ def build_demo_repository(directory: str | Path) -> tuple[np.ndarray, np.ndarray
         path = Path(directory) / MODEL_NAME / version
         path.mkdir(parents=True, exist_ok=True)
         (path / "model.onnx").write_bytes(onnx_model.SerializeToString())
+        save_profile(build_profile(x_train, feature_names=feature_names), path / PROFILE_FILE)
         accuracy = float((estimator.predict(x_test) == y_test).mean())
         (path / "model.toml").write_text(
             "[provenance]\n"
@@ -56,7 +60,7 @@ def build_demo_repository(directory: str | Path) -> tuple[np.ndarray, np.ndarray
             'owner = "demo"\n'
             f"[metrics]\ntest_accuracy = {accuracy:.4f}\n"
         )
-        print(f"  built {MODEL_NAME} v{version}: {kind}, held-out accuracy {accuracy:.3f} -> {path}")
+        print(f"  built {MODEL_NAME} v{version}: {kind}, held-out accuracy {accuracy:.3f}, OOD profile -> {path}")
     return x_test, y_test
 
 
@@ -126,6 +130,25 @@ def _canary(channel: grpc.Channel, stub: Stub, state_dir: str, x_test: np.ndarra
     )
 
 
+def _out_of_distribution(stub: Stub, x_test: np.ndarray) -> None:
+    """Held-out rows pass; the same rows in the wrong units (x 3) are flagged, with the features why."""
+    rows = x_test[:20]
+    flags = {"held-out": 0, "scaled x3": 0}
+    example = ""
+    for kind, batch in (("held-out", rows), ("scaled x3", rows * 3)):
+        for i, row in enumerate(batch):
+            response = _infer(stub, row, "1", f"ood-{kind.replace(' ', '')}-{i}")
+            flagged = response.parameters["ood"].bool_param
+            flags[kind] += flagged
+            if flagged and not example:
+                score = response.parameters["ood_score"].double_param
+                example = f"ood_score {score:.1f}, ood_features {response.parameters['ood_features'].string_param}"
+    print(
+        f"6. out-of-distribution scoring: {flags['held-out']}/20 held-out rows flagged, "
+        f"{flags['scaled x3']}/20 rows in the wrong units (x 3) flagged; e.g. {example}"
+    )
+
+
 def run_demo(directory: str, port: int, requests: int, state_dir: str) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # interleave with the server log
     print(f"1. building the demo model repository in {directory}/")
@@ -161,14 +184,15 @@ def run_demo(directory: str, port: int, requests: int, state_dir: str) -> int:
                 )
             print(f"   {requests} sequential requests in {elapsed:.2f}s ({requests / elapsed:.0f}/s)")
             _canary(channel, stub, state_dir, x_test)
+            _out_of_distribution(stub, x_test)
             try:
                 _infer(stub, x_test[0][:5], "1", "demo-bad")
             except grpc.RpcError as e:
-                print(f"6. a malformed request is refused (and logged): {e.code().name}: {e.details()}")
+                print(f"7. a malformed request is refused (and logged): {e.code().name}: {e.details()}")
     finally:
-        print("7. stopping the gateway with SIGTERM (graceful drain)")
+        print("8. stopping the gateway with SIGTERM (graceful drain)")
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=30)
     print(f"   gateway exited with code {code}")
-    print(f"8. every request is in the request log: canary-gateway log --state-dir {state_dir} get canary-0")
+    print(f"9. every request is in the request log: canary-gateway log --state-dir {state_dir} get canary-0")
     return code

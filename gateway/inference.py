@@ -15,14 +15,18 @@ from collections.abc import Callable, Mapping
 
 import grpc
 import numpy as np
+from opentelemetry.trace import Span
 
 from gateway.auth import Identity
-from gateway.errors import GatewayError, InvalidArgument
+from gateway.errors import FailedPrecondition, GatewayError, InvalidArgument
+from gateway.ood.scoring import OodResult
 from gateway.repository import ModelRepository, ModelVersion
-from gateway.requestlog.record import Record, Tensor
+from gateway.requestlog.record import ROLE_FALLBACK, Record, Tensor
 from gateway.requestlog.writer import LogWriter
 from gateway.runtime import TensorSpec
 from gateway.shadows import ShadowRunner
+from gateway.stats import Traffic
+from gateway.telemetry import StageMarks, Telemetry
 from router.control import RouteControl
 from router.rules import StickyKey
 from router.table import OVERRIDE_HEADER
@@ -69,7 +73,7 @@ class InferenceRequest:
 
 
 class InferenceResponse:
-    __slots__ = ("model_name", "model_version", "id", "request_id", "outputs")
+    __slots__ = ("model_name", "model_version", "id", "request_id", "outputs", "ood", "ood_features")
 
     def __init__(
         self,
@@ -78,12 +82,16 @@ class InferenceResponse:
         id: str,
         request_id: str,
         outputs: list[Tensor],
+        ood: OodResult | None = None,
+        ood_features: str | None = None,
     ) -> None:
         self.model_name = model_name
         self.model_version = model_version
         self.id = id  # the client's id, echoed
         self.request_id = request_id  # the log's id: the client's id, or one generated for it
         self.outputs = outputs  # the requested outputs, as bytes once: the log record holds the same
+        self.ood = ood  # the input's OOD scores, when the answering version has a profile
+        self.ood_features = ood_features  # when flagged: the furthest features, as text
 
 
 class RequestIds:
@@ -159,12 +167,17 @@ class InferenceService:
         request_log: LogWriter | None,
         routes: RouteControl,
         shadows: ShadowRunner,
+        traffic: Traffic,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.repository = repository
+        self._traffic = traffic
         self._log = request_log
         self._routes = routes
         self._shadows = shadows
         self._ids = RequestIds()
+        self._tracing = telemetry.tracing if telemetry is not None else None
+        self._metrics = telemetry.metrics if telemetry is not None else None
 
     def _validate(self, version: ModelVersion, request: InferenceRequest) -> int:
         """Check inputs and outputs; return the batch size (rows) of the request."""
@@ -202,12 +215,18 @@ class InferenceService:
         if self._log is not None:
             self._log.admit()
         ts_ns = time.time_ns()
-        start = time.perf_counter_ns()
+        marks = StageMarks(time.perf_counter_ns())
         request_id = request.id or self._ids.next()
         record = Record(request_id, ts_ns, request.model_name, request.model_version)
         record.inputs = [Tensor.of(name, request.datatypes[name], a) for name, a in request.inputs.items()]
         record.caller = request.caller.name if request.caller is not None else None
         record.trace_id = trace_id(request.headers.get("traceparent"))
+        span = None
+        if self._tracing is not None:
+            span = self._tracing.start(request.headers, ts_ns)
+            context = span.get_span_context()
+            if context.trace_flags.sampled:
+                record.trace_id = f"{context.trace_id:032x}"
         rows = 0
         version: ModelVersion | None = None
         try:
@@ -228,26 +247,61 @@ class InferenceService:
             version = self.repository.get_ready(request.model_name, decision.version)
             record.version, record.sha256 = version.version, version.sha256
             rows = self._validate(version, request)
+            marks.routed = time.perf_counter_ns()
+            ood = None
+            if version.ood is not None:
+                version, ood = self._screen(version, request, record)
+                marks.scored = time.perf_counter_ns()
             assert version.batcher is not None and version.model is not None
             feeds = {spec.name: request.inputs[spec.name] for spec in version.model.inputs}
             results = await version.batcher.run(feeds, rows)
+            marks.executed = time.perf_counter_ns()
         except GatewayError as error:
             if version is not None:
-                version.stats.record_request(rows, time.perf_counter_ns() - start, ok=False)
+                version.stats.record_request(rows, time.perf_counter_ns() - marks.start, ok=False)
             record.status, record.message = _status(error), error.message
-            await self._commit(record, start)
+            await self._commit(record, marks, span, rows)
             raise
-        version.stats.record_request(rows, time.perf_counter_ns() - start, ok=True)
+        version.stats.record_request(rows, marks.executed - marks.start, ok=True)
         wanted = set(request.outputs)
         record.outputs = [
             Tensor.of(spec.name, spec.dtype.v2_name, array)
             for spec, array in zip(version.model.outputs, results, strict=True)
             if not wanted or spec.name in wanted
         ]
-        await self._commit(record, start)
+        await self._commit(record, marks, span, rows)
         if decision.shadows:
-            self._shadows.mirror(record, decision.shadows, feeds, rows, results)
-        return InferenceResponse(version.name, version.version, request.id, request_id, record.outputs)
+            self._shadows.mirror(record, decision.shadows, feeds, rows, results, span)
+        return InferenceResponse(
+            version.name, version.version, request.id, request_id, record.outputs, ood, record.ood_features
+        )
+
+    def _screen(
+        self, version: ModelVersion, request: InferenceRequest, record: Record
+    ) -> tuple[ModelVersion, OodResult]:
+        """Score the input against the version's training profile and apply the model's OOD policy:
+        the version that will answer (the fallback, for `fallback`) and the scores."""
+        assert version.ood is not None
+        rows = request.inputs[version.ood_input]
+        ood = version.ood.score(rows)
+        record.ood_score, record.ood = ood.max_score, ood.any_flagged
+        if version.drift is not None:
+            version.drift.observe(rows, int(np.count_nonzero(ood.flagged)) if ood.any_flagged else 0)
+        if not ood.any_flagged:
+            return version, ood
+        record.ood_features = ood.features_text()
+        policy = version.serving.ood_policy
+        if policy == "reject":
+            raise FailedPrecondition(
+                f"inputs[{version.ood_input}]: out of distribution for model {version.name!r} version "
+                f"{version.version!r}: score {ood.max_score:.3f} > threshold {ood.threshold:.3f}; "
+                f"furthest features {record.ood_features}"
+            )
+        if policy == "fallback":
+            version = self.repository.get_ready(version.name, version.serving.ood_fallback_version)
+            record.role, record.version, record.sha256 = ROLE_FALLBACK, version.version, version.sha256
+            self._validate(version, request)
+        return version, ood
 
     async def reject_unprocessed(
         self, model_name: str, model_version: str, client_id: str, error: GatewayError, raw_request: bytes
@@ -257,10 +311,17 @@ class InferenceService:
         request_id = client_id or self._ids.next()
         record = Record(request_id, time.time_ns(), model_name, model_version, status=_status(error))
         record.message, record.raw_request = error.message, raw_request
-        await self._commit(record, time.perf_counter_ns())
+        await self._commit(record, StageMarks(time.perf_counter_ns()))
         return request_id
 
-    async def _commit(self, record: Record, start_ns: int) -> None:
-        record.latency_ns = time.perf_counter_ns() - start_ns
+    async def _commit(self, record: Record, marks: StageMarks, span: Span | None = None, rows: int = 0) -> None:
+        answered = time.perf_counter_ns()
+        record.latency_ns = answered - marks.start
         if self._log is not None:
             await self._log.commit(record)
+        marks.logged = time.perf_counter_ns()
+        self._traffic.add(record.model, record.version, record.role, record.latency_ns, not record.status, record.ood)
+        if self._metrics is not None:
+            self._metrics.request(record, marks.logged - answered)
+        if span is not None and self._tracing is not None:
+            self._tracing.finish(span, marks, record, rows)

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from gateway.batcher import MicroBatcher
-from gateway.config import GatewayConfig, ModelServingConfig
+from gateway.config import GatewayConfig, ModelServingConfig, OodConfig
 from gateway.errors import ConfigError, GatewayError, NotFound, Unavailable
+from gateway.ood.drift import DriftMonitor, DriftReport
+from gateway.ood.profile import PROFILE_FILE, load_profile
+from gateway.ood.scoring import OodScorer
 from gateway.runtime import OnnxModel
 from gateway.stats import VersionStats
 from router.rules import version_order
@@ -62,6 +65,42 @@ class ModelVersion:
     state: str = "LOADING"  # LOADING -> READY | FAILED
     reason: str = ""
     warmup_us: float = 0.0
+    ood: OodScorer | None = None  # None: no profile beside the model, served unscored
+    ood_input: str = ""  # the input the profile describes
+    drift: DriftMonitor | None = None  # recent inputs against the profile
+    drift_report: DriftReport | None = None  # the latest comparison (refreshed by the server's drift task)
+
+    def attach_profile(self, config: OodConfig) -> None:
+        """Load `profile.npz` if there is one; a profile that does not fit the model is a ConfigError."""
+        path = self.path / PROFILE_FILE
+        if not path.exists() or self.model is None:
+            return
+        inputs = self.model.inputs
+        spec = inputs[0]
+        if len(inputs) != 1 or len(spec.shape) != 2 or spec.shape[1] < 1 or spec.dtype.numpy.kind != "f":
+            signature = ", ".join(f"{s.name} {s.dtype.v2_name} {list(s.shape)}" for s in inputs)
+            raise ConfigError(
+                f"OOD profile {path}: model {self.name!r} version {self.version!r} has inputs {signature}; "
+                "a profile needs exactly one 2-D float input [batch, features]"
+            )
+        profile = load_profile(path, expected_features=spec.shape[1])
+        self.ood = OodScorer(profile, config.top_k)
+        self.ood_input = spec.name
+        self.drift = DriftMonitor(
+            profile,
+            window=config.drift_window_rows,
+            psi_threshold=config.drift_psi_threshold,
+            ks_threshold=config.drift_ks_threshold,
+            min_rows=config.drift_min_rows,
+        )
+        log.info(
+            "model %s version %s: OOD profile of %d features, threshold %.3f (training quantile %.4g)",
+            self.name,
+            self.version,
+            spec.shape[1],
+            self.ood.profile.threshold,
+            self.ood.profile.threshold_quantile,
+        )
 
     @property
     def ready(self) -> bool:
@@ -118,6 +157,13 @@ class ModelRepository:
         unknown = sorted(set(config.models) - set(self.models))
         if unknown:
             raise ConfigError(f"models.{unknown[0]}: no such model in repository {root}")
+        for name, by_version in self.models.items():
+            serving = config.serving(name)
+            if serving.ood_policy == "fallback" and serving.ood_fallback_version not in by_version:
+                raise ConfigError(
+                    f"models.{name}.ood_fallback_version: {serving.ood_fallback_version!r} is not a version of "
+                    f'{name!r} ({", ".join(by_version)}); ood_policy = "fallback" needs one'
+                )
 
     def all_versions(self) -> list[ModelVersion]:
         return [v for versions in self.models.values() for v in versions.values()]
@@ -126,6 +172,7 @@ class ModelRepository:
         repo = self._config.repository
         for version in self.all_versions():
             version.load(repo.intra_op_threads, repo.inter_op_threads, repo.warmup_runs)
+            version.attach_profile(self._config.ood)
             self._ready_versions[version.name] = tuple(v for v, mv in self.models[version.name].items() if mv.ready)
 
     def ready_versions(self, name: str) -> tuple[str, ...]:

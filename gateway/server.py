@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway import protocol
+from gateway import protocol, telemetry
 from gateway.admin import AdminServicer
 from gateway.auth import TokenStore
 from gateway.config import GatewayConfig
@@ -26,6 +27,8 @@ from gateway.requestlog.reader import LogReader
 from gateway.requestlog.writer import LogWriter
 from gateway.servicer import InferenceServicer
 from gateway.shadows import ShadowRunner
+from gateway.stats import Traffic
+from gateway.telemetry import Observe, RequestMetrics
 from router.control import RouteControl
 from router.store import RouteStore
 
@@ -45,8 +48,16 @@ class Gateway:
         self.request_log = LogWriter(config.log_dir, config.log) if config.log.enabled else None
         self.routes = RouteControl(RouteStore(config.routes_dir), self.repository.ready_map)
         self.tokens = TokenStore(config.tokens_file)
-        self.shadows = ShadowRunner(self.repository, self.request_log, config.shadows.max_concurrency)
-        self.service = InferenceService(self.repository, self.request_log, self.routes, self.shadows)
+        self.telemetry = telemetry.build(config.telemetry)
+        self.traffic = Traffic()
+        self.shadows = ShadowRunner(
+            self.repository, self.request_log, config.shadows.max_concurrency, self.traffic, self.telemetry
+        )
+        self.service = InferenceService(
+            self.repository, self.request_log, self.routes, self.shadows, self.traffic, self.telemetry
+        )
+        if self.telemetry is not None and self.telemetry.metrics is not None:
+            self._observe(self.telemetry.metrics)
         live = self.request_log.live_segment if self.request_log is not None else None
         self.log_reader = LogReader(config.log_dir, live=live)
         self.server, self.port = self._listen(config.server.port)
@@ -61,7 +72,7 @@ class Gateway:
                 stream_max_in_flight=config.server.stream_max_in_flight,
             ),
         )
-        admin = AdminServicer(self.repository, self.routes, self.tokens, self.shadows, self.log_reader)
+        admin = AdminServicer(self.repository, self.routes, self.tokens, self.shadows, self.log_reader, self.traffic)
         # The operator API shares the inference port unless admin.port names its own (e.g. a port
         # that only the operators' network reaches).
         self.admin_server, self.admin_port = (
@@ -78,6 +89,61 @@ class Gateway:
             reflection.enable_server_reflection(
                 [ADMIN_SERVICE, reflection.SERVICE_NAME], self.admin_server, pool=protocol.POOL
             )
+
+    def _observe(self, metrics: RequestMetrics) -> None:
+        """Metrics read at export time from figures the gateway keeps anyway."""
+
+        def shadow_calls() -> Iterable[tuple[float, dict[str, str]]]:
+            for (model, primary, shadow), stat in self.shadows.agreement.items():
+                labels = {"model": model, "primary_version": primary, "version": shadow}
+                yield stat.compared, {**labels, "outcome": "compared"}
+                yield stat.failed, {**labels, "outcome": "failed"}
+                yield stat.shed, {**labels, "outcome": "shed"}
+
+        def shadow_agreement() -> Iterable[tuple[float, dict[str, str]]]:
+            for (model, primary, shadow), stat in self.shadows.agreement.items():
+                if stat.compared:
+                    yield stat.rate, {"model": model, "primary_version": primary, "version": shadow}
+
+        def log_queue() -> Iterable[tuple[float, dict[str, str]]]:
+            if self.request_log is not None:
+                yield self.request_log.queue_depth, {}
+
+        def warm_up() -> Iterable[tuple[float, dict[str, str]]]:
+            for version in self.repository.all_versions():
+                if version.ready:
+                    yield version.warmup_us / 1e6, {"model": version.name, "version": version.version}
+
+        def drift(field: str) -> Observe:
+            def read() -> Iterable[tuple[float, dict[str, str]]]:
+                for version in self.repository.all_versions():
+                    report = version.drift_report
+                    if report is None:
+                        continue
+                    labels = {"model": version.name, "version": version.version}
+                    if field == "alert":
+                        yield float(report.alert), labels
+                    elif field == "ood_rate":
+                        yield report.ood_rate, labels
+                    else:
+                        values = report.psi if field == "psi" else report.ks
+                        for name, value in zip(report.profile.feature_names, values, strict=True):
+                            yield float(value), {**labels, "feature": name}
+
+            return read
+
+        metrics.observe("gateway.drift.alert", "gauge", "1 while a version's drift alert is on", "1", drift("alert"))
+        metrics.observe(
+            "gateway.drift.psi", "gauge", "PSI of recent inputs vs training, per feature", "1", drift("psi")
+        )
+        metrics.observe("gateway.drift.ks", "gauge", "KS statistic of recent inputs vs training", "1", drift("ks"))
+        metrics.observe("gateway.ood.window_rate", "gauge", "OOD share of the drift window", "1", drift("ood_rate"))
+        metrics.observe("gateway.shadow.calls", "counter", "shadow calls by outcome", "{call}", shadow_calls)
+        metrics.observe("gateway.shadow.agreement", "gauge", "shadow/primary output agreement", "1", shadow_agreement)
+        metrics.observe(
+            "gateway.log.queue_depth", "gauge", "answers waiting for their log commit", "{record}", log_queue
+        )
+        metrics.observe("gateway.model.warmup.duration", "gauge", "one warm-up run of a version", "s", warm_up)
 
     def _listen(self, port: int) -> tuple[grpc.aio.Server, int]:
         limit = self.config.server.max_message_bytes
@@ -110,6 +176,33 @@ class Gateway:
             except Exception:
                 log.exception("cannot refresh routes or tokens; keeping the current ones")
 
+    async def _watch_drift(self) -> None:
+        """Compare each profiled version's recent inputs with its training profile; log alert changes."""
+        while True:
+            await asyncio.sleep(self.config.ood.drift_check_interval_s)
+            for version in self.repository.all_versions():
+                if version.drift is None:
+                    continue
+                report = version.drift.report()
+                version.drift_report = report
+                if not report.changed:
+                    continue
+                if report.alert:
+                    worst = ", ".join(
+                        f"{report.profile.feature_names[i]} (PSI {report.psi[i]:.2f}, KS {report.ks[i]:.2f})"
+                        for i in report.drifting[:5]
+                    )
+                    log.warning(
+                        "drift alert: model %s version %s: %d features drifted over the last %d rows: %s",
+                        version.name,
+                        version.version,
+                        len(report.drifting),
+                        report.n_rows,
+                        worst,
+                    )
+                else:
+                    log.info("drift alert cleared: model %s version %s", version.name, version.version)
+
     async def run(self, stop: asyncio.Event) -> None:
         await self._set_serving(False)
         await self.server.start()
@@ -129,9 +222,10 @@ class Gateway:
             loading.result()
             await self._set_serving(self.repository.ready)
             log.info("ready: %d model versions loaded", sum(v.ready for v in self.repository.all_versions()))
-        watching = asyncio.create_task(self._watch_changes())
+        watching = [asyncio.create_task(self._watch_changes()), asyncio.create_task(self._watch_drift())]
         await stopping
-        watching.cancel()
+        for task in watching:
+            task.cancel()
         log.info("draining: stop accepting, finishing in-flight calls (grace %.1fs)", self.config.server.grace_period_s)
         await self._set_serving(False)
         await self.server.stop(self.config.server.grace_period_s)
@@ -144,6 +238,8 @@ class Gateway:
             await self.request_log.close()
         self.routes.close()
         self.repository.close()
+        if self.telemetry is not None:
+            self.telemetry.shutdown()
         log.info("stopped")
 
 

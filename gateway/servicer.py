@@ -256,11 +256,24 @@ def _model_config(version: ModelVersion) -> pb.ModelConfig:
         "version": version.version,
         "sha256": version.sha256,
         "execution": "inline" if version.batcher and version.batcher.inline else "threaded",
+        "ood_profile": _ood_profile_text(version),
+        "ood_policy": version.serving.ood_policy,
         **version.provenance,
     }
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     return config
+
+
+def _ood_profile_text(version: ModelVersion) -> str:
+    """What ModelConfig says about OOD scoring: "none" (served unscored) or the profile's size and threshold."""
+    if version.ood is None:
+        return "none"
+    profile = version.ood.profile
+    return (
+        f"{profile.n_features} features, threshold {profile.threshold:.4g} "
+        f"(training quantile {profile.threshold_quantile:.4g}, {profile.n_rows} rows)"
+    )
 
 
 def _statistics(version: ModelVersion) -> pb.ModelStatistics:

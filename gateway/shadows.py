@@ -16,11 +16,14 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from opentelemetry.trace import Span
 
 from gateway.errors import GatewayError
 from gateway.repository import ModelRepository
 from gateway.requestlog.record import ROLE_SHADOW, Record, Tensor
 from gateway.requestlog.writer import LogWriter
+from gateway.stats import Traffic
+from gateway.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +50,20 @@ def outputs_agree(primary: list[np.ndarray], shadow: list[np.ndarray]) -> bool:
 
 
 class ShadowRunner:
-    def __init__(self, repository: ModelRepository, request_log: LogWriter | None, max_concurrency: int) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        request_log: LogWriter | None,
+        max_concurrency: int,
+        traffic: Traffic,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self._repository = repository
+        self._traffic = traffic
         self._log = request_log
         self._max = max_concurrency
+        self._tracing = telemetry.tracing if telemetry is not None else None
+        self._metrics = telemetry.metrics if telemetry is not None else None
         self._running: set[asyncio.Task[None]] = set()
         self.agreement: dict[tuple[str, str, str], Agreement] = {}
 
@@ -61,6 +74,7 @@ class ShadowRunner:
         feeds: dict[str, np.ndarray],
         rows: int,
         primary_outputs: list[np.ndarray],
+        primary_span: Span | None = None,
     ) -> None:
         """Start the shadow calls for one answered request (returns at once)."""
         for version in shadows:
@@ -70,7 +84,7 @@ class ShadowRunner:
                 stat.shed += 1
                 continue
             task = asyncio.get_running_loop().create_task(
-                self._run(primary, version, feeds, rows, primary_outputs, stat)
+                self._run(primary, version, feeds, rows, primary_outputs, stat, primary_span)
             )
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -83,6 +97,7 @@ class ShadowRunner:
         rows: int,
         primary_outputs: list[np.ndarray],
         stat: Agreement,
+        primary_span: Span | None,
     ) -> None:
         start = time.perf_counter_ns()
         record = Record(
@@ -117,6 +132,11 @@ class ShadowRunner:
                 await self._log.commit(record)
             except GatewayError as error:
                 log.warning("shadow record %s not logged: %s", record.id, error.message)
+        self._traffic.add(record.model, record.version, record.role, record.latency_ns, not record.status, None)
+        if self._metrics is not None:
+            self._metrics.request(record, 0)
+        if self._tracing is not None and primary_span is not None:
+            self._tracing.shadow(primary_span.get_span_context(), record)
 
     async def drain(self) -> None:
         """Let running shadow calls finish (at shutdown, before the log closes)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -24,6 +25,9 @@ def test_demo_serves_two_versions_and_refuses_bad_input(tmp_path: Path) -> None:
     assert "INVALID_ARGUMENT: inputs[X].shape: dimension 1 is 5, the model expects 30" in result.stdout
     assert "each user always on one version: True" in result.stdout
     assert "labels agree" in result.stdout
+    ood = re.search(r"(\d+)/20 held-out rows flagged, (\d+)/20 rows in the wrong units \(x 3\) flagged", result.stdout)
+    assert ood is not None, result.stdout
+    assert int(ood.group(1)) <= 3 and int(ood.group(2)) >= 18
     assert "gateway exited with code 0" in result.stdout
     assert (tmp_path / "models/breast_cancer/2/model.toml").read_text().startswith("[provenance]")
     logged = subprocess.run(

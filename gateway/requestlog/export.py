@@ -46,6 +46,7 @@ def rows_of(record: Record) -> list[Row]:
         "status": record.status,
         "ood": record.ood,
         "ood_score": record.ood_score,
+        "ood_features": record.ood_features,
     }
     per_tensor = [
         columns

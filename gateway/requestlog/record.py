@@ -72,6 +72,7 @@ class Record:
     routing_key: str | None = None
     ood_score: float | None = None
     ood: bool | None = None
+    ood_features: str | None = None  # when flagged: the furthest features, "x3=+7.2,x10=-5.1"
     trace_id: str | None = None
     sha256: str = ""
     raw_request: bytes | None = None  # the request as received, when it could not be decoded
@@ -116,7 +117,8 @@ def decode(data: bytes) -> Record:
     try:
         for name in _TENSOR_FIELDS:
             values[name] = [Tensor(n, datatype, list(shape), raw) for n, datatype, shape, raw in values[name]]
-        return Record(**{name: values[name] for name in _FIELDS})
+        # A field added after a record was written takes its default (required ones must be there).
+        return Record(**{name: values[name] for name in _FIELDS if name in values})
     except (KeyError, TypeError, ValueError) as e:
         raise RecordFormatError(f"malformed record: {e}") from e
 

@@ -1,0 +1,277 @@
+"""OpenTelemetry traces and metrics for the gateway, chosen by `[telemetry]` in the config.
+
+Why it is shaped like this: the request path must stay cheap, so it never creates child spans while
+it works. It notes a few `perf_counter_ns` marks (routed, scored, executed, logged) that it takes
+anyway, and after the log commit `RequestTracing.finish` builds the span tree from those marks with
+explicit start and end times. Only the root span is started up front, so a sampled request's trace
+id (the caller's, from W3C `traceparent`, or a new one) can go into its log record. With traces and
+metrics both off (the default) the gateway holds no `Telemetry` at all and pays one `is None` test.
+
+Metrics are OpenTelemetry SDK instruments labelled by model, version and role. Counts the gateway
+keeps anyway (shadow calls and sheds, agreement, log queue depth, warm-up times, drift) are
+observable instruments read at export time, so they cost nothing per request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from gateway.config import TelemetryConfig
+
+if TYPE_CHECKING:
+    from gateway.requestlog.record import Record
+
+log = logging.getLogger(__name__)
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_STATUS_NAMES = {status.value[0]: status.name for status in grpc.StatusCode}
+
+
+def _status_name(code: int) -> str:
+    return _STATUS_NAMES.get(code, str(code))
+
+
+@dataclass(slots=True)
+class StageMarks:
+    """`perf_counter_ns` marks the request path takes; 0 for a stage the request did not reach."""
+
+    start: int
+    routed: int = 0  # route decided, version chosen, input validated
+    scored: int = 0  # OOD scoring done (0: the version has no profile)
+    executed: int = 0  # the model answered (the micro-batcher returned)
+    logged: int = 0  # the log record committed
+
+
+class RequestTracing:
+    """Spans for inference calls: the root started up front, its children built after the fact."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self._tracer = provider.get_tracer("canary-gateway")
+
+    def start(self, headers: Mapping[str, str], start_epoch_ns: int) -> Span:
+        parent = _PROPAGATOR.extract(carrier=headers)
+        return self._tracer.start_span("ModelInfer", parent, kind=SpanKind.SERVER, start_time=start_epoch_ns)
+
+    def finish(self, span: Span, marks: StageMarks, record: Record, rows: int) -> None:
+        """Children for each stage the request reached, the root's attributes and status, then end."""
+        if not span.is_recording():
+            return
+        base = record.ts_ns - marks.start  # perf_counter_ns -> epoch ns
+        parent = trace.set_span_in_context(span)
+        stages = (
+            ("route", marks.start, marks.routed),
+            ("ood", marks.routed, marks.scored),
+            ("execute", marks.scored or marks.routed, marks.executed),
+            ("log.commit", marks.executed or marks.scored or marks.routed or marks.start, marks.logged),
+        )
+        for name, begin, end in stages:
+            if begin and end:
+                self._tracer.start_span(name, parent, start_time=base + begin).end(end_time=base + end)
+        span.set_attributes(
+            {
+                "model": record.model,
+                "model.version": record.version,
+                "role": record.role,
+                "request.id": record.id,
+                "rows": rows,
+                "rpc.grpc.status_code": record.status,
+            }
+        )
+        if record.ood is not None:
+            span.set_attribute("ood", record.ood)
+            span.set_attribute("ood.score", record.ood_score or 0.0)
+        if record.routing_key is not None:
+            span.set_attribute("routing.key", record.routing_key)
+        if record.status:
+            span.set_status(Status(StatusCode.ERROR, f"{_status_name(record.status)}: {record.message}"))
+        span.end(end_time=base + (marks.logged or marks.executed or marks.routed or marks.start))
+
+    def shadow(self, primary_span_context: trace.SpanContext | None, record: Record) -> None:
+        """A span for a finished shadow call, a child of its primary's span."""
+        if primary_span_context is None or not primary_span_context.is_valid:
+            return
+        parent = trace.set_span_in_context(trace.NonRecordingSpan(primary_span_context))
+        span = self._tracer.start_span("shadow", parent, start_time=record.ts_ns)
+        span.set_attributes({"model": record.model, "model.version": record.version, "request.id": record.id})
+        if record.status:
+            span.set_status(Status(StatusCode.ERROR, record.message))
+        span.end(end_time=record.ts_ns + record.latency_ns)
+
+
+# Latency buckets in seconds, 100 µs to 10 s (the SDK's default buckets are meant for milliseconds).
+LATENCY_BUCKETS_S = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+Observe = Callable[[], Iterable[tuple[float, Mapping[str, str]]]]
+
+
+class RequestMetrics:
+    """Per-request instruments, and observable ones over figures the gateway already keeps."""
+
+    def __init__(self, provider: MeterProvider) -> None:
+        meter = provider.get_meter("canary-gateway")
+        self._requests = meter.create_counter("gateway.requests", unit="{request}", description="answered requests")
+        self._duration = meter.create_histogram(
+            "gateway.request.duration",
+            unit="s",
+            description="request latency, receipt to answer (before its log commit)",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
+        )
+        self._ood = meter.create_counter(
+            "gateway.ood.scored", unit="{request}", description="requests scored for OOD, by flag"
+        )
+        self._commit = meter.create_histogram(
+            "gateway.log.commit.duration",
+            unit="s",
+            description="time an answer waits for its log commit",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
+        )
+        self._meter = meter
+        self._attributes: dict[tuple[str, str, str, int], dict[str, str]] = {}
+
+    def observe(self, name: str, kind: str, description: str, unit: str, source: Observe) -> None:
+        """Register an observable counter ("counter") or gauge ("gauge") read from `source` at export."""
+
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(value, dict(attributes)) for value, attributes in source()]
+
+        make = self._meter.create_observable_counter if kind == "counter" else self._meter.create_observable_gauge
+        make(name, callbacks=[callback], unit=unit, description=description)
+
+    def request(self, record: Record, commit_ns: int) -> None:
+        key = (record.model, record.version, record.role, record.status)
+        attributes = self._attributes.get(key)
+        if attributes is None:
+            attributes = {
+                "model": record.model,
+                "version": record.version,
+                "role": record.role,
+                "status": _status_name(record.status),
+            }
+            self._attributes[key] = attributes
+        self._requests.add(1, attributes)
+        self._duration.record(record.latency_ns / 1e9, attributes)
+        if record.ood is not None:
+            self._ood.add(1, {**attributes, "ood": str(record.ood).lower()})
+        if commit_ns:
+            self._commit.record(commit_ns / 1e9)
+
+
+class Telemetry:
+    """What `[telemetry]` turned on: `tracing` and/or `metrics` (None when off), and their providers."""
+
+    def __init__(
+        self,
+        config: TelemetryConfig,
+        span_exporter: SpanExporter | None = None,
+        metric_reader: MetricReader | None = None,
+    ) -> None:
+        resource = Resource.create({"service.name": config.service_name})
+        self._tracer_provider: TracerProvider | None = None
+        self._meter_provider: MeterProvider | None = None
+        self._http_server: Any = None  # the Prometheus scrape endpoint, when metrics = "prometheus"
+        self.tracing: RequestTracing | None = None
+        self.metrics: RequestMetrics | None = None
+        span_exporter = span_exporter or _span_exporter(config)
+        if span_exporter is not None:
+            sampler = ParentBased(TraceIdRatioBased(config.trace_sample_ratio))
+            self._tracer_provider = TracerProvider(resource=resource, sampler=sampler)
+            self._tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+            self.tracing = RequestTracing(self._tracer_provider)
+        if metric_reader is None and config.metrics == "prometheus":
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+            from prometheus_client import start_http_server
+
+            self._http_server, _ = start_http_server(config.prometheus_port, addr=config.prometheus_host)
+            metric_reader = PrometheusMetricReader()
+        metric_reader = metric_reader or _metric_reader(config)
+        if metric_reader is not None:
+            self._meter_provider = MeterProvider(resource=resource, metric_readers=[metric_reader])
+            self.metrics = RequestMetrics(self._meter_provider)
+        log.info(
+            "telemetry: traces %s (sample ratio %g), metrics %s",
+            config.traces if self.tracing else "off",
+            config.trace_sample_ratio,
+            _metrics_description(config) if self.metrics else "off",
+        )
+
+    def shutdown(self) -> None:
+        """Flush what is buffered (spans, a last metrics export) and stop the exporters."""
+        if self._tracer_provider is not None:
+            self._tracer_provider.shutdown()
+        if self._meter_provider is not None:
+            self._meter_provider.shutdown()
+        if self._http_server is not None:
+            self._http_server.shutdown()
+
+
+def build(config: TelemetryConfig) -> Telemetry | None:
+    """The gateway's telemetry, or None when `[telemetry]` turns everything off (the default)."""
+    if config.traces == "none" and config.metrics == "none":
+        return None
+    return Telemetry(config)
+
+
+def _span_exporter(config: TelemetryConfig) -> SpanExporter | None:
+    if config.traces == "console":
+        return ConsoleSpanExporter()
+    if config.traces == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=config.otlp_insecure)
+    return None
+
+
+def _metric_reader(config: TelemetryConfig) -> MetricReader | None:
+    interval_ms = config.export_interval_s * 1000
+    if config.metrics == "console":
+        return PeriodicExportingMetricReader(ConsoleMetricExporter(), export_interval_millis=interval_ms)
+    if config.metrics == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        exporter = OTLPMetricExporter(endpoint=config.otlp_endpoint, insecure=config.otlp_insecure)
+        return PeriodicExportingMetricReader(exporter, export_interval_millis=interval_ms)
+    return None
+
+
+def _metrics_description(config: TelemetryConfig) -> str:
+    if config.metrics == "prometheus":
+        return f"prometheus on http://{config.prometheus_host}:{config.prometheus_port}/metrics"
+    if config.metrics == "otlp":
+        return f"otlp to {config.otlp_endpoint} every {config.export_interval_s:g} s"
+    return f"{config.metrics} every {config.export_interval_s:g} s"

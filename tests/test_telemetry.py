@@ -1,0 +1,162 @@
+"""OpenTelemetry from a real gateway: spans exported over OTLP to a collector the test runs, metrics
+scraped from the Prometheus endpoint, and the log record pointing at the trace."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import GatewayProcess
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.protocol import Stub
+from gateway.protocol import inference as pb
+from gateway.requestlog.reader import LogReader
+
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver: keeps every span it is sent."""
+
+    def __init__(self) -> None:
+        self.spans: list[trace_pb2.Span] = []
+
+    def Export(  # noqa: N802 (the OTLP method name)
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        for resource_spans in request.resource_spans:
+            for scope_spans in resource_spans.scope_spans:
+                self.spans.extend(scope_spans.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def wait_for(self, trace_hex: str, count: int, timeout: float = 20.0) -> list[trace_pb2.Span]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [s for s in self.spans if s.trace_id.hex() == trace_hex]
+            if len(found) >= count:
+                return found
+            time.sleep(0.1)
+        raise AssertionError(f"{count} spans of trace {trace_hex} not exported; got {len(self.spans)} spans in all")
+
+
+@pytest.fixture(scope="module")
+def collector() -> Iterator[tuple[Collector, int]]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    received = Collector()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(received, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield received, port
+    server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def observed_gateway(
+    repository: Path, collector: tuple[Collector, int], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[GatewayProcess, int]]:
+    metrics_port = _free_port()
+    config = (
+        f'[telemetry]\ntraces = "otlp"\notlp_endpoint = "http://127.0.0.1:{collector[1]}"\n'
+        f'metrics = "prometheus"\nprometheus_port = {metrics_port}\n'
+    )
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # export spans every 100 ms, not every 5 s
+        process = GatewayProcess(repository, config, tmp_path_factory.mktemp("telemetry"))
+    process.wait_ready()
+    yield process, metrics_port
+    assert process.stop() == 0, process.log
+
+
+def _mlp(request_id: str, features: int = 32, version: str = "1") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="mlp", model_version=version, id=request_id)
+    x = np.ones((1, features), dtype=np.float32)
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    return request
+
+
+def test_a_callers_trace_is_continued_with_a_span_per_stage(
+    observed_gateway: tuple[GatewayProcess, int], collector: tuple[Collector, int]
+) -> None:
+    gateway, _ = observed_gateway
+    with grpc.insecure_channel(gateway.address) as channel:
+        traceparent = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
+        Stub(channel).ModelInfer(_mlp("traced-1"), metadata=[("traceparent", traceparent)], timeout=10)
+    spans = collector[0].wait_for(CALLER_TRACE, 4)
+    (root,) = [s for s in spans if s.name == "ModelInfer"]
+    assert root.parent_span_id.hex() == CALLER_SPAN
+    attributes = {a.key: a.value for a in root.attributes}
+    assert attributes["model"].string_value == "mlp" and attributes["model.version"].string_value == "1"
+    assert attributes["request.id"].string_value == "traced-1"
+    children = {s.name: s for s in spans if s.parent_span_id == root.span_id}
+    assert {"route", "execute", "log.commit"} <= set(children)
+    for child in children.values():
+        assert root.start_time_unix_nano <= child.start_time_unix_nano <= child.end_time_unix_nano
+        assert child.end_time_unix_nano <= root.end_time_unix_nano
+    assert children["route"].end_time_unix_nano <= children["execute"].end_time_unix_nano
+    (record,) = LogReader(gateway.state_dir / "log").get("traced-1")
+    assert record.trace_id == CALLER_TRACE
+
+
+def test_a_request_without_trace_context_starts_a_trace_named_in_its_log_record(
+    observed_gateway: tuple[GatewayProcess, int], collector: tuple[Collector, int]
+) -> None:
+    gateway, _ = observed_gateway
+    with grpc.insecure_channel(gateway.address) as channel, pytest.raises(grpc.RpcError):
+        Stub(channel).ModelInfer(_mlp("traced-bad", features=31), timeout=10)
+    (record,) = LogReader(gateway.state_dir / "log").get("traced-bad")
+    assert record.trace_id is not None and record.trace_id != CALLER_TRACE
+    spans = collector[0].wait_for(record.trace_id, 2)
+    (root,) = [s for s in spans if s.name == "ModelInfer"]
+    assert root.status.code == trace_pb2.Status.STATUS_CODE_ERROR
+    assert "INVALID_ARGUMENT" in root.status.message
+
+
+def _scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = frozenset((k, v) for k, v in sample.labels.items() if not k.startswith("otel_"))
+            samples[(sample.name, labels)] = sample.value
+    return samples
+
+
+def test_prometheus_endpoint_counts_known_traffic_by_model_version_role_status(
+    observed_gateway: tuple[GatewayProcess, int],
+) -> None:
+    gateway, port = observed_gateway
+    with grpc.insecure_channel(gateway.address) as channel:
+        stub = Stub(channel)
+        for i in range(7):
+            stub.ModelInfer(_mlp(f"metrics-ok-{i}", version="2"), timeout=10)
+        for i in range(3):
+            with pytest.raises(grpc.RpcError):
+                stub.ModelInfer(_mlp(f"metrics-bad-{i}", features=30, version="2"), timeout=10)
+    samples = _scrape(port)
+    ok = frozenset({("model", "mlp"), ("version", "2"), ("role", "primary"), ("status", "OK")})
+    bad = frozenset({("model", "mlp"), ("version", "2"), ("role", "primary"), ("status", "INVALID_ARGUMENT")})
+    assert samples[("gateway_requests_total", ok)] == 7
+    assert samples[("gateway_requests_total", bad)] == 3
+    assert samples[("gateway_request_duration_seconds_count", ok)] == 7
+    assert 0 < samples[("gateway_request_duration_seconds_sum", ok)] < 7 * 1.0
+    warm = frozenset({("model", "mlp"), ("version", "2")})
+    assert samples[("gateway_model_warmup_duration_seconds", warm)] > 0
+    assert samples[("gateway_log_queue_depth", frozenset())] >= 0
