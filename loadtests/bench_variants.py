@@ -14,6 +14,10 @@ the sticky variant reads it, the others ignore it, so the variants differ in the
                         then checked: answers per version match the split, a key always gets the same version
     streaming           as single, but the load goes over ModelStreamInfer: one stream per generator process
                         with all of its requests in flight on it (no sticky metadata: it is per stream)
+    ood                 as single, with an OOD profile beside each version: every request scored (policy flag)
+    telemetry-1pct      as single, with Prometheus metrics on and 1% of requests traced over OTLP to a sink
+                        (loadtests/otlp_sink.py, started on the load generator's CPU)
+    traced-all          as telemetry-1pct, every request traced
 
 The table shows throughput, latency, the server's CPU per request (from /proc/PID/stat, warm-up
 included), how busy server and client were, how much of the server's and of the client's CPU other
@@ -28,6 +32,8 @@ each judged on the median of its per-round ratios:
     log-fsync >= 0.60 x log-off  (throughput at c16; p99 of both reported)
     split-90-10-sticky >= 0.95 x single  (throughput at c16)
     streaming >= 2.0 x single  (throughput at c16; and its p50 at c1 no worse than single's)
+    ood       >= 0.95 x single  (throughput at c16)
+    telemetry-1pct >= 0.95 x single  (throughput at c16; traced-all is reported)
 
     python loadtests/bench_variants.py [--duration 6 | --requests N] [--concurrency 16] [--rounds 1]
                                        [--variants single,log-off,...] [--baseline single]
@@ -41,20 +47,25 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import tomllib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import grpc
+import numpy as np
 from bench_core import (
     CLOCK_TICKS,
+    HERE,
     HOST,
     Placement,
     Point,
@@ -68,8 +79,9 @@ from bench_core import (
 )
 from floor_server import MODEL_INFER
 from loadgen import LoadSpec
-from models import MODEL_NAME, VersionedOutputCheck, build_infer_request, build_repository
+from models import FEATURES, MODEL_NAME, VersionedOutputCheck, build_infer_request, build_repository
 
+from gateway.ood.profile import PROFILE_FILE, build_profile, save_profile
 from gateway.protocol import Stub, admin
 from gateway.protocol import inference as pb
 
@@ -103,6 +115,21 @@ class Variant:
     env: Mapping[str, str] = field(default_factory=dict)  # added to the gateway's environment
     route: RouteSetup | None = None
     streaming: bool = False  # load over ModelStreamInfer (one stream per generator process) instead of ModelInfer
+    profiled: bool = False  # serve a repository whose versions have an OOD profile (scored before the answer)
+
+    @property
+    def exports(self) -> bool:
+        """Its config sends telemetry to the OTLP sink (`{otlp_endpoint}` in it)."""
+        return "{otlp_endpoint}" in self.config
+
+
+TELEMETRY_1PCT = """[telemetry]
+metrics = "prometheus"
+prometheus_port = {metrics_port}
+traces = "otlp"
+otlp_endpoint = "{otlp_endpoint}"
+trace_sample_ratio = 0.01
+"""
 
 
 VARIANTS = (
@@ -115,6 +142,13 @@ VARIANTS = (
         route=RouteSetup((("1", 9000), ("2", 1000)), STICKY_HEADER),
     ),
     Variant("streaming", "as single, but the load is sent over one ModelStreamInfer stream", streaming=True),
+    Variant("ood", "as single, with an OOD profile: every request scored before the answer", profiled=True),
+    Variant("telemetry-1pct", "as single, Prometheus metrics on, 1% of requests traced to OTLP", TELEMETRY_1PCT),
+    Variant(
+        "traced-all",
+        "as single, Prometheus metrics on, every request traced to OTLP",
+        TELEMETRY_1PCT.replace("0.01", "1.0"),
+    ),
 )
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -138,6 +172,8 @@ TARGETS = (
     Target("log-fsync", "log-off", 0.60, show_p99=True),
     Target("split-90-10-sticky", "single", 0.95),
     Target("streaming", "single", 2.0),
+    Target("ood", "single", 0.95),
+    Target("telemetry-1pct", "single", 0.95),
 )
 
 
@@ -284,9 +320,10 @@ def filesystem_of(path: Path) -> str:
     return kind
 
 
-def variant_config(variant: Variant, common: Path | None) -> str:
-    """The variant's TOML, with the --gateway-config file's (for every variant) appended."""
-    text = f"# bench_variants: {variant.name}: {variant.description}\n{variant.config}"
+def variant_config(variant: Variant, common: Path | None, otlp_endpoint: str = "http://127.0.0.1:4317") -> str:
+    """The variant's TOML (telemetry endpoints filled in), with the --gateway-config file's appended."""
+    config = variant.config.format(otlp_endpoint=otlp_endpoint, metrics_port=free_port())
+    text = f"# bench_variants: {variant.name}: {variant.description}\n{config}"
     if common is not None:
         text += f"\n# from {common}\n{common.read_text()}"
     try:
@@ -296,13 +333,56 @@ def variant_config(variant: Variant, common: Path | None) -> str:
     return text
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def build_profiled_repository(root: Path) -> Path:
+    """The benchmark repository with an OOD profile beside each version (training rows: standard normal,
+    the distribution the benchmark request is drawn from)."""
+    repository = build_repository(root, VERSIONS)
+    profile = build_profile(np.random.default_rng(7).standard_normal((5000, FEATURES)))
+    for version in VERSIONS:
+        save_profile(profile, repository / MODEL_NAME / version / PROFILE_FILE)
+    return repository
+
+
+@contextmanager
+def otlp_sink(placement: Placement, workdir: Path) -> Iterator[str]:
+    """The OTLP sink (loadtests/otlp_sink.py) on the load generator's CPUs; yields its endpoint."""
+    command = [sys.executable, str(HERE / "otlp_sink.py"), "--port", "0"]
+    if placement.client_cpus:
+        command += ["--cpu", ",".join(map(str, sorted(placement.client_cpus)))]
+    with open(workdir / "otlp-sink.log", "w") as log:
+        sink = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+        assert sink.stdout is not None
+        line = sink.stdout.readline()
+        if not line.startswith("listening on "):
+            sink.kill()
+            raise SystemExit(f"the OTLP sink did not start: {line!r}; see {workdir / 'otlp-sink.log'}")
+        try:
+            yield "http://" + line.split()[-1]
+        finally:
+            sink.terminate()
+            print(f"OTLP sink: {sink.communicate(timeout=10)[0].strip()}", flush=True)
+
+
 def run_variant(
-    variant: Variant, args: argparse.Namespace, placement: Placement, workdir: Path, repository: Path, number: int
+    variant: Variant,
+    args: argparse.Namespace,
+    placement: Placement,
+    workdir: Path,
+    repositories: Mapping[bool, Path],
+    number: int,
+    otlp_endpoint: str,
 ) -> Measured:
     body, check = build_infer_request(), VersionedOutputCheck(VERSIONS)
+    repository = repositories[variant.profiled]
     state_dir = workdir / f"state-r{number}-{variant.name}"
     config = workdir / f"{variant.name}.toml"
-    config.write_text(variant_config(variant, args.gateway_config))
+    config.write_text(variant_config(variant, args.gateway_config, otlp_endpoint))
     command = [sys.executable, "-m", "gateway", "serve", "--model-repository", str(repository), "--host", HOST]
     command += ["--state-dir", str(state_dir), "--config", str(config)]
     label = f"{variant.name} r{number}"
@@ -537,18 +617,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"state directories under {workdir} ({filesystem})", flush=True)
     if filesystem in ("tmpfs", "ramfs"):
         print("WARNING: the request logs are on a RAM filesystem: fsync costs nothing there (see --workdir)")
-    repository = build_repository(workdir / "models", VERSIONS)
+    repositories = {False: build_repository(workdir / "models", VERSIONS)}
+    if any(v.profiled for v in selected):
+        repositories[True] = build_profiled_repository(workdir / "models-profiled")
 
     rounds: list[Round] = []
-    for number in range(1, args.rounds + 1):
-        shift = (number - 1) % len(selected)
-        order = selected[shift:] + selected[:shift]
-        print(f"\n== round {number} of {args.rounds}", flush=True)
-        measured = {v.name: run_variant(v, args, placement, workdir, repository, number) for v in order}
-        this = Round(number, [v.name for v in order], {v.name: measured[v.name] for v in selected})
-        rounds.append(this)
-        print(f"\n{format_table(this.table(args.baseline), args.concurrency, args.baseline)}", flush=True)
-        print("\n".join(this.notes()), flush=True)
+    with ExitStack() as stack:
+        endpoint = stack.enter_context(otlp_sink(placement, workdir)) if any(v.exports for v in selected) else ""
+        for number in range(1, args.rounds + 1):
+            shift = (number - 1) % len(selected)
+            order = selected[shift:] + selected[:shift]
+            print(f"\n== round {number} of {args.rounds}", flush=True)
+            measured = {v.name: run_variant(v, args, placement, workdir, repositories, number, endpoint) for v in order}
+            this = Round(number, [v.name for v in order], {v.name: measured[v.name] for v in selected})
+            rounds.append(this)
+            print(f"\n{format_table(this.table(args.baseline), args.concurrency, args.baseline)}", flush=True)
+            print("\n".join(this.notes()), flush=True)
 
     summary = median_table([r.table(args.baseline) for r in rounds])
     ratios = {name: statistics.median(r.target_ratios()[name] for r in rounds) for name in rounds[0].target_ratios()}

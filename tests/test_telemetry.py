@@ -3,6 +3,7 @@ scraped from the Prometheus endpoint, and the log record pointing at the trace."
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 import urllib.request
@@ -160,3 +161,28 @@ def test_prometheus_endpoint_counts_known_traffic_by_model_version_role_status(
     warm = frozenset({("model", "mlp"), ("version", "2")})
     assert samples[("gateway_model_warmup_duration_seconds", warm)] > 0
     assert samples[("gateway_log_queue_depth", frozenset())] >= 0
+
+
+def test_metrics_count_every_request_of_a_concurrent_load(observed_gateway: tuple[GatewayProcess, int]) -> None:
+    gateway, port = observed_gateway
+    per_worker, workers = 40, 16
+
+    async def load() -> None:
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = Stub(channel)
+
+            async def worker(w: int) -> None:
+                for i in range(per_worker):
+                    request = pb.ModelInferRequest(model_name="wide_thread", id=f"load-{w}-{i}")
+                    x = np.ones((1, 64), dtype=np.float32)
+                    request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+                    request.raw_input_contents.append(x.tobytes())
+                    await stub.ModelInfer(request, timeout=30)
+
+            await asyncio.gather(*(worker(w) for w in range(workers)))
+
+    asyncio.run(load())
+    samples = _scrape(port)
+    ok = frozenset({("model", "wide_thread"), ("version", "1"), ("role", "primary"), ("status", "OK")})
+    assert samples[("gateway_requests_total", ok)] == per_worker * workers
+    assert samples[("gateway_request_duration_seconds_count", ok)] == per_worker * workers
