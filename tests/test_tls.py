@@ -106,8 +106,9 @@ def _refused(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.
 
 @pytest.fixture(scope="module")
 def mtls(small_repository: Path, pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    # Certificate callers get "operator" here, so their traffic changes reach the change log.
-    settings = _tls_config(pki.server, pki.ca.cert, 'client_cert_role = "operator"\n')
+    # Certificate callers get "operator" here, so their traffic changes reach the change log; inference
+    # needs a token, which a verified certificate stands in for.
+    settings = _tls_config(pki.server, pki.ca.cert, 'client_cert_role = "operator"\n[auth]\ninference = "token"\n')
     gateway = GatewayProcess(small_repository, settings, tmp_path_factory.mktemp("mtls"))
     gateway.wait_ready(credentials=_credentials(pki.ca.cert, pki.client))
     yield gateway
@@ -120,6 +121,8 @@ def test_tritonclient_over_mtls_the_certificate_names_the_caller(mtls: GatewayPr
     _infer(client, "mtls-cert")
     token = (mtls.state_dir / "admin.token").read_text().strip()
     _infer(client, "mtls-token", headers={"authorization": f"Bearer {token}"})  # a token, when sent, wins
+    with pytest.raises(InferenceServerException, match="unknown or revoked token"):  # even a wrong one
+        _infer(client, "mtls-bad-token", headers={"authorization": "Bearer cgw_wrong"})
     client.close()
     reader = LogReader(mtls.state_dir / "log")
     assert [r.caller for r in reader.get("mtls-cert")] == [f"cert:{CLIENT_NAME}"]
