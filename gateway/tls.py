@@ -136,7 +136,7 @@ class CertificateFiles:
             except (ssl.SSLError, OSError) as e:
                 raise ValueError(f"{self._config.client_ca_file} is not a PEM CA bundle: {e}") from None
         if self._stat() != before:
-            raise ValueError("the certificate files changed while being read; will read them again")
+            raise ValueError("the certificate files changed while being read")
         cert, key = contents[0], contents[1]
         configuration = grpc.ssl_server_certificate_configuration(
             [(key, cert)], root_certificates=contents[2] if self.mutual else None
