@@ -26,6 +26,7 @@ from gateway.requestlog.record import encode
 from gateway.servicer import refusals_answered, reject
 from gateway.shadows import ShadowRunner
 from gateway.stats import Traffic
+from gateway.tls import CertificateCaller
 from router.control import RouteControl
 from router.rules import DEFAULT_OVERRIDE_ROLES, ROLES, Route, StickyKey, default_route
 from router.store import ChangeEntry
@@ -101,6 +102,7 @@ class AdminServicer:
         shadows: ShadowRunner,
         log_reader: LogReader,
         traffic: Traffic,
+        certificate_caller: CertificateCaller | None = None,
     ) -> None:
         self._repository = repository
         self._traffic = traffic
@@ -108,13 +110,19 @@ class AdminServicer:
         self._tokens = tokens
         self._shadows = shadows
         self._log = log_reader
+        self._certificate_caller = certificate_caller
 
     def _caller(self, context: grpc.aio.ServicerContext, role: Role, action: str) -> Identity:
         try:
             self._tokens.refresh()  # tokens created or revoked by another process
         except ConfigError as e:
             raise Unavailable(f"the tokens file cannot be read: {e}") from e
-        identity = self._tokens.authenticate(dict(context.invocation_metadata() or ()).get("authorization"))
+        authorization = dict(context.invocation_metadata() or ()).get("authorization")
+        identity = None
+        if authorization is None and self._certificate_caller is not None:  # mTLS: the certificate names the caller
+            identity = self._certificate_caller.identify(context)
+        if identity is None:
+            identity = self._tokens.authenticate(authorization)
         require(identity, role, action)
         return identity
 

@@ -82,7 +82,7 @@ def check_role(role: str, field: str = "role") -> Role:
 def require(identity: Identity, role: Role, action: str) -> None:
     """PermissionDenied unless the caller's role is `role` or above; `action` names what was refused."""
     if role not in identity.roles:
-        raise PermissionDenied(f"{action} needs role {role!r}; token {identity.name!r} has role {identity.role!r}")
+        raise PermissionDenied(f"{action} needs role {role!r}; caller {identity.name!r} has role {identity.role!r}")
 
 
 def _digest(token: str) -> bytes:

@@ -32,6 +32,15 @@ def _shape(name: str, shape: list[int]) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _reshape(name: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    # The element count matched, yet numpy can refuse the shape: more dimensions than it supports (64),
+    # or an empty array whose other dimensions multiply past its size limit ([0, 2**62, 2**62]).
+    try:
+        return array.reshape(shape)
+    except ValueError as e:
+        raise InvalidArgument(f"inputs[{name}].shape: {list(shape)} cannot be an array: {e}") from None
+
+
 def _from_raw(name: str, dtype: DataType, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
     expected = math.prod(shape) * dtype.numpy.itemsize
     if len(raw) != expected:
@@ -39,7 +48,7 @@ def _from_raw(name: str, dtype: DataType, shape: tuple[int, ...], raw: bytes) ->
             f"inputs[{name}]: raw_input_contents has {len(raw)} bytes, but shape {list(shape)} "
             f"of {dtype.v2_name} needs {expected}"
         )
-    return np.frombuffer(raw, dtype=dtype.numpy).reshape(shape)
+    return _reshape(name, np.frombuffer(raw, dtype=dtype.numpy), shape)
 
 
 def _from_contents(name: str, dtype: DataType, shape: tuple[int, ...], contents: pb.InferTensorContents) -> np.ndarray:
@@ -55,9 +64,10 @@ def _from_contents(name: str, dtype: DataType, shape: tuple[int, ...], contents:
             f"but shape {list(shape)} needs {count}"
         )
     try:
-        return np.asarray(values, dtype=dtype.numpy).reshape(shape)
+        array = np.asarray(values, dtype=dtype.numpy)
     except OverflowError:
         raise InvalidArgument(f"inputs[{name}].contents: a value does not fit {dtype.v2_name}") from None
+    return _reshape(name, array, shape)
 
 
 def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from gateway.auth import Role
 from gateway.errors import ConfigError
 
 Execution = Literal["auto", "inline", "thread"]
@@ -84,6 +85,29 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS on every port the gateway listens on (see README, "TLS and mTLS"); plaintext when unset."""
+
+    cert_file: str = ""  # PEM certificate chain the gateway presents; with key_file, turns TLS on
+    key_file: str = ""  # PEM private key of that certificate
+    client_ca_file: str = ""  # PEM CA bundle: when set, clients must present a certificate it signed (mTLS)
+    client_cert_role: Role = "viewer"  # the role of a caller named by its client certificate, not a token
+    reload_interval_s: float = 5.0  # how often a new connection may re-check the files for changes
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("tls: cert_file and key_file go together; set both or neither")
+        if self.client_ca_file and not self.cert_file:
+            raise ConfigError("tls.client_ca_file: needs tls.cert_file and tls.key_file (mTLS is TLS first)")
+        if self.reload_interval_s < 0:
+            raise ConfigError(f"tls.reload_interval_s: must not be negative, got {self.reload_interval_s}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True)
 class ShadowConfig:
     max_concurrency: int = 4  # shadow calls running at once; more are shed and counted
 
@@ -131,6 +155,7 @@ class GatewayConfig:
     shadows: ShadowConfig = field(default_factory=ShadowConfig)
     ood: OodConfig = field(default_factory=OodConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def serving(self, model: str) -> ModelServingConfig:
         return self.models.get(model, self.model_defaults)

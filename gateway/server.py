@@ -29,6 +29,7 @@ from gateway.servicer import InferenceServicer
 from gateway.shadows import ShadowRunner
 from gateway.stats import Traffic
 from gateway.telemetry import Observe, RequestMetrics
+from gateway.tls import CertificateCaller, CertificateFiles, is_loopback
 from router.control import RouteControl
 from router.store import RouteStore
 
@@ -60,6 +61,11 @@ class Gateway:
             self._observe(self.telemetry.metrics)
         live = self.request_log.live_segment if self.request_log is not None else None
         self.log_reader = LogReader(config.log_dir, live=live)
+        self.tls = CertificateFiles(config.tls) if config.tls.enabled else None
+        # With mTLS every caller has a verified certificate, which names callers that send no token.
+        certificate_caller = (
+            CertificateCaller(config.tls.client_cert_role) if self.tls is not None and self.tls.mutual else None
+        )
         self.server, self.port = self._listen(config.server.port)
         protocol.add_service(
             self.server,
@@ -70,9 +76,12 @@ class Gateway:
                 self.tokens,
                 require_token=config.auth.inference == "token",
                 stream_max_in_flight=config.server.stream_max_in_flight,
+                certificate_caller=certificate_caller,
             ),
         )
-        admin = AdminServicer(self.repository, self.routes, self.tokens, self.shadows, self.log_reader, self.traffic)
+        admin = AdminServicer(
+            self.repository, self.routes, self.tokens, self.shadows, self.log_reader, self.traffic, certificate_caller
+        )
         # The operator API shares the inference port unless admin.port names its own (e.g. a port
         # that only the operators' network reaches).
         self.admin_server, self.admin_port = (
@@ -155,7 +164,12 @@ class Gateway:
             ]
         )
         address = f"{self.config.server.host}:{port}"
-        bound = server.add_insecure_port(address)
+        if self.tls is not None:
+            bound = server.add_secure_port(address, self.tls.credentials())
+        else:
+            bound = server.add_insecure_port(address)
+            if not is_loopback(self.config.server.host):
+                log.warning("plaintext on %s, which is not a loopback address: set [tls] to encrypt", address)
         if bound == 0:
             raise OSError(f"cannot listen on {address}")
         return server, bound
@@ -206,10 +220,11 @@ class Gateway:
     async def run(self, stop: asyncio.Event) -> None:
         await self._set_serving(False)
         await self.server.start()
-        log.info("listening on %s:%d", self.config.server.host, self.port)
+        security = "plaintext" if self.tls is None else "mTLS" if self.tls.mutual else "TLS"
+        log.info("listening on %s:%d (%s)", self.config.server.host, self.port, security)
         if self.admin_server is not self.server:
             await self.admin_server.start()
-            log.info("admin API listening on %s:%d", self.config.server.host, self.admin_port)
+            log.info("admin API listening on %s:%d (%s)", self.config.server.host, self.admin_port, security)
         if self.request_log is not None:
             log.info("request log in %s (sync=%s)", self.config.log_dir, self.config.log.sync)
         token_path = self.tokens.bootstrap(self.config.server.state_dir)

@@ -23,6 +23,7 @@ from gateway.protocol import inference as pb
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.runtime import TensorSpec
 from gateway.streaming import RequestStream
+from gateway.tls import CertificateCaller
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +97,14 @@ class InferenceServicer:
         tokens: TokenStore,
         require_token: bool,
         stream_max_in_flight: int,
+        certificate_caller: CertificateCaller | None = None,
     ) -> None:
         self._repository = repository
         self._service = service
         self._tokens = tokens
         self._require_token = require_token
         self._stream_max_in_flight = stream_max_in_flight
+        self._certificate_caller = certificate_caller
         self._version = _server_version()
 
     async def ServerLive(
@@ -158,10 +161,13 @@ class InferenceServicer:
             chosen = list(self._repository.versions_of(request.name).values())
         return pb.ModelStatisticsResponse(model_stats=[_statistics(v) for v in chosen])
 
-    def _caller(self, headers: dict[str, str]) -> Identity | None:
+    def _caller(self, headers: dict[str, str], context: grpc.aio.ServicerContext) -> Identity | None:
         authorization = headers.get("authorization")
-        if authorization is None and not self._require_token:
-            return None
+        if authorization is None:
+            # A verified client certificate (mTLS) authenticates too: it names a caller without a token.
+            caller = self._certificate_caller.identify(context) if self._certificate_caller is not None else None
+            if caller is not None or not self._require_token:
+                return caller
         return self._tokens.authenticate(authorization)
 
     async def ModelInfer(
@@ -170,7 +176,7 @@ class InferenceServicer:
         try:
             decoded = decode_request(request)
             headers = dict(context.invocation_metadata() or ())
-            decoded.caller = self._caller(headers)
+            decoded.caller = self._caller(headers, context)
         except GatewayError as e:
             reject(context, "ModelInfer", await self._log_unprocessed(request, e))
             return pb.ModelInferResponse()
@@ -190,7 +196,7 @@ class InferenceServicer:
         same routing, validation and logging as ModelInfer; the stream's metadata applies to all."""
         headers = dict(context.invocation_metadata() or ())
         try:
-            caller, refused = self._caller(headers), None
+            caller, refused = self._caller(headers, context), None
         except GatewayError as e:  # each request is still answered, and logged, with the refusal
             caller, refused = None, e
 

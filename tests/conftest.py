@@ -61,8 +61,10 @@ class GatewayProcess:
     def log(self) -> str:
         return "".join(self.log_lines)
 
-    def wait_ready(self, timeout: float = 60) -> None:
-        with grpc.insecure_channel(self.address) as channel:
+    def wait_ready(self, timeout: float = 60, credentials: grpc.ChannelCredentials | None = None) -> None:
+        """Wait until ServerReady; `credentials` for a gateway serving TLS."""
+        channel = grpc.secure_channel(self.address, credentials) if credentials else grpc.insecure_channel(self.address)
+        with channel:
             stub = Stub(channel)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:

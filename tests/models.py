@@ -181,3 +181,9 @@ def build_heavy_repository(repo: Path) -> Path:
     save_model(repo, "heavy", "1", heavy_graph())
     save_model(repo, "broken", "1", broken_graph())
     return repo
+
+
+def build_identity_repository(repo: Path) -> Path:
+    """One FP32 identity model (`x` → `y`, [N, 4]): a gateway that starts fast, for transport tests."""
+    save_model(repo, "identity_fp32", "1", identity_graph("FP32"))
+    return repo

@@ -151,7 +151,7 @@ def test_a_viewer_can_show_but_not_split(gw: GatewayProcess) -> None:
     result = cli(gw, "routes", "split", "mlp", "1=50", "2=50", "--reason", "not mine to change", token=viewer)
     assert result.returncode == EXIT_AUTH
     assert result.stderr.startswith("canary-gateway: PERMISSION_DENIED: ")
-    assert "needs role 'operator'; token 'dashboard' has role 'viewer' (token from --token)" in result.stderr
+    assert "needs role 'operator'; caller 'dashboard' has role 'viewer' (token from --token)" in result.stderr
     assert mlp_route(gw) == before
     from_env = cli(gw, "tokens", "list", env={"CANARY_GATEWAY_TOKEN": viewer})
     assert from_env.returncode == EXIT_AUTH and "(token from $CANARY_GATEWAY_TOKEN)" in from_env.stderr

@@ -112,7 +112,7 @@ def test_each_role_may_do_exactly_what_its_rank_allows() -> None:
                 with pytest.raises(PermissionDenied) as e:
                     require(identity, needed, "set split")
                 assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
-                assert e.value.message == f"set split needs role {needed!r}; token 'someone' has role {role!r}"
+                assert e.value.message == f"set split needs role {needed!r}; caller 'someone' has role {role!r}"
     assert Identity("v", "viewer").roles == {"viewer"}
     assert Identity("a", "admin").roles == {"viewer", "operator", "admin"}
 

@@ -110,6 +110,12 @@ CASES = [
         "inputs[input].shape: negative dimension",
     ),
     (
+        "rank numpy cannot make",
+        _request(shape=(0,) * 70),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "0, 0] cannot be an array: maximum supported dimension",
+    ),
+    (
         "byte length",
         _mutate(lambda r: _set_raw(r, b"\0" * 127)),
         grpc.StatusCode.INVALID_ARGUMENT,

@@ -106,6 +106,8 @@ class LogReader:
 
     def get(self, request_id: str) -> list[Record]:
         """The request's record and its shadows' records, oldest first."""
+        if not request_id:  # no record has one (the gateway generates ids), and LMDB refuses empty keys
+            return []
         found: list[Record] = []
         wanted = id_key(request_id)
         for segment in self._segments(newest_first=True):
@@ -131,7 +133,9 @@ class LogReader:
                 break
             with segment.env.begin(db=segment.records) as txn:
                 cursor = txn.cursor()
-                positioned = cursor.set_range(KEY.pack(query.since_ns, 0, 0)) if query.since_ns else cursor.first()
+                # Keys hold unsigned times: a `since` before 1970 starts at the first record.
+                since = query.since_ns or 0
+                positioned = cursor.set_range(KEY.pack(since, 0, 0)) if since > 0 else cursor.first()
                 if not positioned:
                     continue
                 for key, value in cursor:
