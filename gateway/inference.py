@@ -224,9 +224,8 @@ class InferenceService:
         span = None
         if self._tracing is not None:
             span = self._tracing.start(request.headers, ts_ns)
-            context = span.get_span_context()
-            if context.trace_flags.sampled:
-                record.trace_id = f"{context.trace_id:032x}"
+            if span is not None:
+                record.trace_id = f"{span.get_span_context().trace_id:032x}"
         rows = 0
         version: ModelVersion | None = None
         try:
@@ -286,7 +285,7 @@ class InferenceService:
         ood = version.ood.score(rows)
         record.ood_score, record.ood = ood.max_score, ood.any_flagged
         if version.drift is not None:
-            version.drift.observe(rows, int(np.count_nonzero(ood.flagged)) if ood.any_flagged else 0)
+            version.drift.defer(rows, int(np.count_nonzero(ood.flagged)) if ood.any_flagged else 0)
         if not ood.any_flagged:
             return version, ood
         record.ood_features = ood.features_text()

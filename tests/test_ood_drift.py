@@ -154,6 +154,23 @@ def test_ood_rate_counts_the_window_flags() -> None:
         monitor.observe(np.zeros((4, 3)))
 
 
+def test_deferred_rows_equal_observed_rows() -> None:
+    """The request path defers its rows to the next report; the window must be the same as observing them."""
+    profile = build_profile(np.random.default_rng(0).standard_normal((50, 2)))
+    direct = DriftMonitor(profile, window=6, min_rows=1)
+    deferred = DriftMonitor(profile, window=6, min_rows=1)
+    sequence = np.arange(30, dtype=np.float32).reshape(15, 2)
+    seen = 0
+    for size, flagged in ((2, 1), (1, 0), (4, 4), (3, 0), (5, 2)):  # 5 + 3 + 4 >= 6: the last defer flushes
+        block = sequence[seen : seen + size]
+        direct.observe(block, flagged)
+        deferred.defer(block, flagged)
+        seen += size
+        assert deferred.peek().ood_rate == pytest.approx(direct.peek().ood_rate)
+        np.testing.assert_array_equal(deferred.rows(), direct.rows())
+    assert deferred.observed == direct.observed == 15
+
+
 def test_observe_copies_rows_without_allocating(digits: tuple[Profile, np.ndarray, np.ndarray]) -> None:
     profile, live, _ = digits
     monitor = DriftMonitor(profile, window=2000)

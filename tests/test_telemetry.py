@@ -186,3 +186,20 @@ def test_metrics_count_every_request_of_a_concurrent_load(observed_gateway: tupl
     ok = frozenset({("model", "wide_thread"), ("version", "1"), ("role", "primary"), ("status", "OK")})
     assert samples[("gateway_requests_total", ok)] == per_worker * workers
     assert samples[("gateway_request_duration_seconds_count", ok)] == per_worker * workers
+
+
+def test_a_trace_the_caller_did_not_sample_is_not_recorded_but_still_logged(
+    observed_gateway: tuple[GatewayProcess, int], collector: tuple[Collector, int]
+) -> None:
+    gateway, _ = observed_gateway
+    unsampled = "0af7651916cd43dd8448eb211c80319c"
+    with grpc.insecure_channel(gateway.address) as channel:
+        Stub(channel).ModelInfer(_mlp("unsampled-1"), metadata=[("traceparent", f"00-{unsampled}-b7ad6b7169203331-00")])
+        # A sampled request after it: once its spans are exported, the unsampled one's would have been too.
+        Stub(channel).ModelInfer(
+            _mlp("sampled-after"), metadata=[("traceparent", f"00-{CALLER_TRACE[::-1]}-{CALLER_SPAN}-01")]
+        )
+    collector[0].wait_for(CALLER_TRACE[::-1], 4)
+    assert not [s for s in collector[0].spans if s.trace_id.hex() == unsampled]
+    (record,) = LogReader(gateway.state_dir / "log").get("unsampled-1")
+    assert record.trace_id == unsampled

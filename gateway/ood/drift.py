@@ -73,6 +73,8 @@ class DriftMonitor:
         self._next = 0  # ring position the next row goes to
         self._filled = 0
         self._alert = False
+        self._pending: list[tuple[np.ndarray, int]] = []  # deferred (rows, flagged count), oldest first
+        self._pending_rows = 0
 
     @property
     def alert(self) -> bool:
@@ -92,25 +94,53 @@ class DriftMonitor:
         n = len(array)
         if not 0 <= flagged_count <= n:
             raise ValueError(f"flagged_count {flagged_count} is not in [0, {n}]")
+        flags = np.zeros(n, dtype=bool)
+        flags[:flagged_count] = True
+        self._write(array, flags)
+
+    def defer(self, rows: np.ndarray, flagged_count: int) -> None:
+        """`observe` at the next report instead of now: the request path only keeps a reference.
+
+        For the serving core's budget: one ring write per report instead of one per request. `rows`
+        must already be n x F (the scorer checked it) and must not change afterwards. At most a window's
+        worth of rows wait; beyond that they are written at once.
+        """
+        self._pending.append((rows, flagged_count))
+        self._pending_rows += len(rows)
+        if self._pending_rows >= self.window:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        rows = np.concatenate([r for r, _ in pending])
+        flags = np.zeros(len(rows), dtype=bool)
+        offset = 0
+        for block, flagged in pending:
+            flags[offset : offset + flagged] = True
+            offset += len(block)
+        self._write(rows, flags)
+
+    def _write(self, rows: np.ndarray, flags: npt.NDArray[np.bool_]) -> None:
+        n = len(rows)
         self.observed += n
         if n > self.window:
-            flagged_count = max(flagged_count - (n - self.window), 0)
-            array = array[n - self.window :]
-            n = self.window
+            rows, flags, n = rows[n - self.window :], flags[n - self.window :], self.window
         first = min(n, self.window - self._next)
-        self._put(self._next, array[:first], flagged_count)
-        self._put(0, array[first:], flagged_count - first)
+        self._put(self._next, rows[:first], flags[:first])
+        self._put(0, rows[first:], flags[first:])
         self._next = (self._next + n) % self.window
         self._filled = min(self._filled + n, self.window)
 
-    def _put(self, start: int, rows: np.ndarray, flagged: int) -> None:
+    def _put(self, start: int, rows: np.ndarray, flags: npt.NDArray[np.bool_]) -> None:
         end = start + len(rows)
         self._rows[start:end] = rows
-        self._flagged[start:end] = False
-        self._flagged[start : start + min(max(flagged, 0), len(rows))] = True
+        self._flagged[start:end] = flags
 
     def rows(self) -> Array:
         """The window's rows, oldest first (a copy)."""
+        self._flush()
         if self._filled < self.window:
             return self._rows[: self._filled].copy()
         return np.concatenate((self._rows[self._next :], self._rows[: self._next]))
@@ -131,6 +161,7 @@ class DriftMonitor:
 
     def peek(self) -> DriftReport:
         """The comparison without touching the alert state (for metrics or a plot)."""
+        self._flush()
         profile = self.profile
         n = self._filled
         n_features = profile.n_features

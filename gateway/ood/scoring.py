@@ -35,15 +35,15 @@ class OodResult:
     max_score: float  # the request's score: the largest row score (0.0 for no rows)
     threshold: float
     feature_names: tuple[str, ...]
+    any_flagged: bool = False  # some row is out of distribution (set from the scores when built)
+
+    def __post_init__(self) -> None:
+        self.any_flagged = self.max_score > self.threshold
 
     @property
     def flagged(self) -> npt.NDArray[np.bool_]:
         """Per row: out of distribution (above the threshold, or not finite)."""
         return ~(self.scores <= self.threshold)
-
-    @property
-    def any_flagged(self) -> bool:
-        return self.max_score > self.threshold
 
     def worst_features(self) -> list[tuple[str, float]]:
         """Up to k (feature name, z) pairs, largest |z| first, over the flagged rows (else the worst row).
