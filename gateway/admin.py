@@ -18,6 +18,7 @@ import grpc
 
 from gateway.auth import Identity, Role, TokenStore, require
 from gateway.errors import ConfigError, FailedPrecondition, GatewayError, InvalidArgument, NotFound, Unavailable
+from gateway.lifecycle import ModelLifecycle
 from gateway.ood.profile import N_BINS
 from gateway.protocol import admin as pb
 from gateway.repository import ModelRepository, ModelVersion
@@ -56,6 +57,21 @@ def _entry(entry: ChangeEntry) -> Any:
         model=entry.model,
         before_json=_route_json(entry.before),
         after_json=_route_json(entry.after),
+        details_json="" if entry.details is None else json.dumps(dict(entry.details), sort_keys=True),
+    )
+
+
+def version_info(version: ModelVersion, in_use: str) -> Any:
+    """A model version as ListModels and the model-change RPCs show it."""
+    return pb.ModelVersionInfo(
+        model=version.name,
+        version=version.version,
+        state=version.state,
+        reason=version.reason,
+        sha256=version.sha256,
+        provenance=version.provenance,
+        in_use=in_use,
+        has_profile=version.ood is not None,
     )
 
 
@@ -102,9 +118,11 @@ class AdminServicer:
         shadows: ShadowRunner,
         log_reader: LogReader,
         traffic: Traffic,
+        lifecycle: ModelLifecycle,
         certificate_caller: CertificateCaller | None = None,
     ) -> None:
         self._repository = repository
+        self._lifecycle = lifecycle
         self._traffic = traffic
         self._routes = routes
         self._tokens = tokens
@@ -252,6 +270,50 @@ class AdminServicer:
         for version in self._repository.versions_of(request.model).values():
             response.versions.append(_version_drift(version))
         return response
+
+    @refusals_answered(pb.ListModelsResponse)
+    async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._caller(context, "viewer", "ListModels")
+        self._known(request.model)
+        chosen = [request.model] if request.model else sorted(self._repository.models)
+        return pb.ListModelsResponse(
+            versions=[
+                version_info(v, self._lifecycle.in_use(v))
+                for name in chosen
+                for v in self._repository.models.get(name, {}).values()
+            ]
+        )
+
+    def _model_change(self, request: Any, context: grpc.aio.ServicerContext, action: str) -> Identity:
+        identity = self._caller(context, "admin", f"{action} on {request.model!r}")
+        if not request.model or not request.version:
+            raise InvalidArgument("model and version: both required")
+        if not request.reason.strip():
+            raise InvalidArgument(f"reason: required; say why you {action.lower()}")
+        return identity
+
+    @refusals_answered(pb.ModelChangeResponse)
+    async def LoadModel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        identity = self._model_change(request, context, "LoadModel")
+        version, entry = await self._lifecycle.load(
+            request.model,
+            request.version,
+            who=identity.name,
+            why=request.reason.strip(),
+            replace=request.replace,
+            force_signature=request.force_signature,
+        )
+        return pb.ModelChangeResponse(
+            entry=_entry(entry), version=version_info(version, self._lifecycle.in_use(version))
+        )
+
+    @refusals_answered(pb.ModelChangeResponse)
+    async def UnloadModel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        identity = self._model_change(request, context, "UnloadModel")
+        version, entry = await self._lifecycle.unload(
+            request.model, request.version, who=identity.name, why=request.reason.strip()
+        )
+        return pb.ModelChangeResponse(entry=_entry(entry), version=version_info(version, ""))
 
     @refusals_answered(pb.GetLogRecordsResponse)
     async def GetLogRecords(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -1,4 +1,5 @@
-"""`canary-gateway routes | tokens | whoami | status | drift`: operate a running gateway through its admin API.
+"""`canary-gateway routes | tokens | whoami | status | drift | models`: operate a running gateway through its admin
+API.
 
 Every command is one call to `canary.admin.v1.AdminService` (protos/admin.proto) at `--address`,
 authenticated with a bearer token taken from `--token`, else `$CANARY_GATEWAY_TOKEN`, else the
@@ -153,6 +154,7 @@ def _entry(message: Any) -> Document:
         "model": message.model,
         "before": _stored_route(message.before_json),
         "after": _stored_route(message.after_json),
+        "details": json.loads(message.details_json) if message.details_json else None,
     }
 
 
@@ -203,6 +205,17 @@ def _difference(before: Document | None, after: Document | None) -> str:
     return "; ".join(changed) or "no difference"
 
 
+def _change_summary(entry: Document) -> str:
+    """A route change's difference, or what a model action did ("version 3, sha256 ab12…")."""
+    details = entry["details"]
+    if details is None:
+        return _difference(entry["before"], entry["after"])
+    text = f"version {details['version']}, sha256 {details['sha256'][:12]}"
+    if "replaced_sha256" in details:
+        text += f" (replaced {details['replaced_sha256'][:12]})"
+    return text
+
+
 def _routes_text(doc: Document) -> str:
     rows = [
         (
@@ -231,8 +244,7 @@ def _history_text(doc: Document) -> str:
     if not doc["entries"]:
         return "no route changes"
     rows = [
-        (e["seq"], e["time"], e["who"], e["action"], e["model"], e["why"], _difference(e["before"], e["after"]))
-        for e in doc["entries"]
+        (e["seq"], e["time"], e["who"], e["action"], e["model"], e["why"], _change_summary(e)) for e in doc["entries"]
     ]
     return table(("SEQ", "TIME (UTC)", "WHO", "ACTION", "MODEL", "REASON", "CHANGE"), rows)
 
@@ -480,6 +492,59 @@ def _drift_text(doc: Document, show_all: bool) -> str:
     return "\n\n".join(blocks) + plots
 
 
+_VERSION_FIELDS = ("model", "version", "state", "reason", "sha256", "in_use", "has_profile")
+
+
+def _version_doc(message: Any) -> Document:
+    return {**{f: getattr(message, f) for f in _VERSION_FIELDS}, "provenance": dict(message.provenance)}
+
+
+def _models_text(doc: Document) -> str:
+    rows = [
+        (
+            v["model"],
+            v["version"],
+            v["state"] if not v["reason"] else f"{v['state']}: {v['reason'][:60]}",
+            v["sha256"][:12] or "-",
+            "yes" if v["has_profile"] else "-",
+            v["in_use"] or "-",
+            ", ".join(f"{k}={val}" for k, val in sorted(v["provenance"].items()))[:60] or "-",
+        )
+        for v in doc["versions"]
+    ]
+    return table(("MODEL", "VERSION", "STATE", "SHA256", "PROFILE", "ROUTED", "PROVENANCE"), rows)
+
+
+def _list_models(args: argparse.Namespace) -> Result:
+    response = call(args, "ListModels", pb.ListModelsRequest(model=args.model or ""))
+    return {"versions": [_version_doc(v) for v in response.versions]}, _models_text
+
+
+def _model_change_text(doc: Document) -> str:
+    e, v = doc["entry"], doc["version"]
+    return f"{e['model']}: {e['action']} {_change_summary(e)} (change {e['seq']} by {e['who']}: {e['why']})\n" + (
+        _models_text({"versions": [v]})
+    )
+
+
+def _load_model(args: argparse.Namespace) -> Result:
+    request = pb.LoadModelRequest(
+        model=args.model,
+        version=args.version,
+        reason=args.reason,
+        replace=args.replace,
+        force_signature=args.force_signature,
+    )
+    response = call(args, "LoadModel", request)
+    return {"entry": _entry(response.entry), "version": _version_doc(response.version)}, _model_change_text
+
+
+def _unload_model(args: argparse.Namespace) -> Result:
+    request = pb.UnloadModelRequest(model=args.model, version=args.version, reason=args.reason)
+    response = call(args, "UnloadModel", request)
+    return {"entry": _entry(response.entry), "version": _version_doc(response.version)}, _model_change_text
+
+
 def _whoami(args: argparse.Namespace) -> Result:
     response = call(args, "WhoAmI", pb.WhoAmIRequest())
     doc = {
@@ -519,7 +584,7 @@ def _count(text: str) -> int:
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
-    """Register `routes`, `tokens`, `whoami`, `status` and `drift` under the `canary-gateway` command."""
+    """Register `routes`, `tokens`, `whoami`, `status`, `drift` and `models` under the `canary-gateway` command."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--address", default=DEFAULT_ADDRESS, help=f"the gateway's HOST:PORT (default {DEFAULT_ADDRESS})"
@@ -583,6 +648,23 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     leaf(group, "list", _list_tokens, "names, roles and creation times (never the tokens)")
 
     leaf(commands, "whoami", _whoami, "the name and role of the token this command uses")
+    models = commands.add_parser("models", help="list, load and unload model versions while the gateway serves")
+    group = models.add_subparsers(dest="models_command", required=True)
+    leaf(group, "list", _list_models, "every version: state, sha256, profile, whether a route uses it").add_argument(
+        "model", nargs="?"
+    )
+    load = leaf(group, "load", _load_model, "load, warm up and publish <repository>/MODEL/VERSION", changes=True)
+    load.add_argument("model")
+    load.add_argument("version")
+    load.add_argument("--replace", action="store_true", help="swap in a changed file for a loaded version")
+    load.add_argument(
+        "--force-signature", action="store_true", help="accept inputs/outputs that differ from the other versions'"
+    )
+    unload = leaf(
+        group, "unload", _unload_model, "stop routing to a version, finish its requests, free it", changes=True
+    )
+    unload.add_argument("model")
+    unload.add_argument("version")
     status = leaf(commands, "status", _status, "per model: route, and per version rate, errors, latency, OOD, drift")
     status.add_argument("model", nargs="?")
     status.add_argument("--window", type=float, default=60.0, help="seconds of recent traffic (default 60)")

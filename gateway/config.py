@@ -42,6 +42,7 @@ class RepositoryConfig:
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     warmup_runs: int = 3
+    watch_interval_s: float = 2.0  # load new version directories this often (0: no watching)
 
 
 @dataclass(frozen=True)

@@ -253,7 +253,11 @@ class InferenceService:
                 marks.scored = time.perf_counter_ns()
             assert version.batcher is not None and version.model is not None
             feeds = {spec.name: request.inputs[spec.name] for spec in version.model.inputs}
-            results = await version.batcher.run(feeds, rows)
+            version.in_flight += 1  # an unload waits for this request
+            try:
+                results = await version.batcher.run(feeds, rows)
+            finally:
+                version.in_flight -= 1
             marks.executed = time.perf_counter_ns()
         except GatewayError as error:
             if version is not None:

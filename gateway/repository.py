@@ -10,17 +10,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gateway.batcher import MicroBatcher
 from gateway.config import GatewayConfig, ModelServingConfig, OodConfig
-from gateway.errors import ConfigError, GatewayError, NotFound, Unavailable
+from gateway.errors import ConfigError, FailedPrecondition, GatewayError, NotFound, Unavailable
 from gateway.ood.drift import DriftMonitor, DriftReport
 from gateway.ood.profile import PROFILE_FILE, load_profile
 from gateway.ood.scoring import OodScorer
-from gateway.runtime import OnnxModel
+from gateway.runtime import OnnxModel, TensorSpec
 from gateway.stats import VersionStats
 from router.rules import version_order
 
@@ -62,13 +63,14 @@ class ModelVersion:
     model: OnnxModel | None = None
     batcher: MicroBatcher | None = None
     stats: VersionStats = field(default_factory=VersionStats)
-    state: str = "LOADING"  # LOADING -> READY | FAILED
+    state: str = "LOADING"  # LOADING -> READY | FAILED; READY -> UNLOADING (then gone)
     reason: str = ""
     warmup_us: float = 0.0
     ood: OodScorer | None = None  # None: no profile beside the model, served unscored
     ood_input: str = ""  # the input the profile describes
     drift: DriftMonitor | None = None  # recent inputs against the profile
     drift_report: DriftReport | None = None  # the latest comparison (refreshed by the server's drift task)
+    in_flight: int = 0  # requests holding this version (unload waits for them)
 
     def attach_profile(self, config: OodConfig) -> None:
         """Load `profile.npz` if there is one; a profile that does not fit the model is a ConfigError."""
@@ -106,6 +108,13 @@ class ModelVersion:
     def ready(self) -> bool:
         return self.state == "READY"
 
+    def close(self) -> None:
+        """Free the session and the batcher's thread; the version can no longer serve."""
+        if self.batcher is not None:
+            self.batcher.close()
+        self.batcher = None
+        self.model = None
+
     def load(self, intra_op_threads: int, inter_op_threads: int, warmup_runs: int) -> None:
         """Load, hash and warm up; on failure the version stays unroutable with a reason."""
         try:
@@ -135,6 +144,18 @@ class ModelVersion:
         except (ConfigError, GatewayError, tomllib.TOMLDecodeError, OSError) as e:  # GatewayError: warm-up failed
             self.state, self.reason = "FAILED", str(e)
             log.error("model %s version %s failed to load: %s", self.name, self.version, e)
+
+
+def _signature_difference(old: OnnxModel, new: OnnxModel) -> str:
+    """'' when the two take and give the same tensors; else what differs, for the refusal message."""
+
+    def describe(specs: Sequence[TensorSpec]) -> str:
+        return ", ".join(f"{s.name} {s.dtype.v2_name} {list(s.shape)}" for s in specs)
+
+    for kind, a, b in (("inputs", old.inputs, new.inputs), ("outputs", old.outputs, new.outputs)):
+        if a != b:
+            return f"{kind} were {describe(a)}, now {describe(b)}"
+    return ""
 
 
 class ModelRepository:
@@ -173,7 +194,89 @@ class ModelRepository:
         for version in self.all_versions():
             version.load(repo.intra_op_threads, repo.inter_op_threads, repo.warmup_runs)
             version.attach_profile(self._config.ood)
-            self._ready_versions[version.name] = tuple(v for v, mv in self.models[version.name].items() if mv.ready)
+            self._refresh_ready(version.name)
+
+    def serving(self, name: str) -> ModelServingConfig:
+        return self._config.serving(name)
+
+    @property
+    def root(self) -> Path:
+        return Path(self._config.repository.path)
+
+    def on_disk(self) -> dict[str, list[str]]:
+        """Every `<model>/<version>/model.onnx` under the root now, versions in order."""
+        found: dict[str, list[str]] = {}
+        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            versions = [v.name for v in model_dir.iterdir() if (v / MODEL_FILE).is_file()]
+            if versions:
+                found[model_dir.name] = sorted(versions, key=version_order)
+        return found
+
+    def prepare(self, name: str, version: str, force_signature: bool = False) -> ModelVersion:
+        """Load and warm up `<root>/<name>/<version>` without publishing it (call off the event loop).
+
+        Refused (FailedPrecondition, with the reason) when the file is missing or does not load, warm-up
+        fails, the OOD profile does not fit, or its signature differs from the model's other ready
+        versions (unless `force_signature`): routing never sees a version that failed any of these.
+        """
+        path = self.root / name / version
+        if not (path / MODEL_FILE).is_file():
+            raise NotFound(f"model {name!r} version {version!r}: no {path / MODEL_FILE}")
+        repo = self._config.repository
+        candidate = ModelVersion(name, version, path, self._config.serving(name))
+        candidate.load(repo.intra_op_threads, repo.inter_op_threads, repo.warmup_runs)
+        if not candidate.ready:
+            raise FailedPrecondition(f"model {name!r} version {version!r} did not load: {candidate.reason}")
+        try:
+            if not force_signature:
+                self._check_signature(candidate)
+            candidate.attach_profile(self._config.ood)
+        except (ConfigError, FailedPrecondition) as e:
+            candidate.close()
+            raise FailedPrecondition(str(e)) from None
+        return candidate
+
+    def _check_signature(self, candidate: ModelVersion) -> None:
+        assert candidate.model is not None
+        for other in self.models.get(candidate.name, {}).values():
+            if other.model is None or other.version == candidate.version:
+                continue
+            difference = _signature_difference(other.model, candidate.model)
+            if difference:
+                raise FailedPrecondition(
+                    f"model {candidate.name!r} version {candidate.version!r} changes the signature of version "
+                    f"{other.version!r}: {difference} (load with force to accept it)"
+                )
+            return
+
+    def publish(self, version: ModelVersion) -> ModelVersion | None:
+        """Make a prepared version routable (on the event loop); return the version it replaced, if any."""
+        versions = self.models.setdefault(version.name, {})
+        replaced = versions.get(version.version)
+        versions[version.version] = version
+        self.models[version.name] = dict(sorted(versions.items(), key=lambda item: version_order(item[0])))
+        self._refresh_ready(version.name)
+        return replaced
+
+    def withdraw(self, version: ModelVersion) -> None:
+        """Stop routing to `version` (on the event loop); requests holding it finish (see `in_flight`)."""
+        version.state = "UNLOADING"
+        self._refresh_ready(version.name)
+
+    def remove(self, version: ModelVersion) -> None:
+        """Forget a withdrawn version and free its session."""
+        versions = self.models.get(version.name, {})
+        if versions.get(version.version) is version:
+            del versions[version.version]
+        if versions:
+            self._refresh_ready(version.name)
+        else:  # its last version: the model is gone (NOT_FOUND), not "loading"
+            self.models.pop(version.name, None)
+            self._ready_versions.pop(version.name, None)
+        version.close()
+
+    def _refresh_ready(self, name: str) -> None:
+        self._ready_versions[name] = tuple(v for v, mv in self.models.get(name, {}).items() if mv.ready)
 
     def ready_versions(self, name: str) -> tuple[str, ...]:
         """The model's ready versions, lowest first (NOT_FOUND for an unknown model)."""
@@ -217,5 +320,4 @@ class ModelRepository:
 
     def close(self) -> None:
         for version in self.all_versions():
-            if version.batcher is not None:
-                version.batcher.close()
+            version.close()

@@ -22,6 +22,7 @@ from gateway.admin import AdminServicer
 from gateway.auth import TokenStore
 from gateway.config import GatewayConfig
 from gateway.inference import InferenceService
+from gateway.lifecycle import ModelLifecycle
 from gateway.repository import ModelRepository
 from gateway.requestlog.reader import LogReader
 from gateway.requestlog.writer import LogWriter
@@ -48,6 +49,7 @@ class Gateway:
         self.repository = ModelRepository(config)
         self.request_log = LogWriter(config.log_dir, config.log) if config.log.enabled else None
         self.routes = RouteControl(RouteStore(config.routes_dir), self.repository.ready_map)
+        self.lifecycle = ModelLifecycle(self.repository, self.routes)
         self.tokens = TokenStore(config.tokens_file)
         self.telemetry = telemetry.build(config.telemetry)
         self.traffic = Traffic()
@@ -76,11 +78,19 @@ class Gateway:
                 self.tokens,
                 require_token=config.auth.inference == "token",
                 stream_max_in_flight=config.server.stream_max_in_flight,
+                lifecycle=self.lifecycle,
                 certificate_caller=certificate_caller,
             ),
         )
         admin = AdminServicer(
-            self.repository, self.routes, self.tokens, self.shadows, self.log_reader, self.traffic, certificate_caller
+            self.repository,
+            self.routes,
+            self.tokens,
+            self.shadows,
+            self.log_reader,
+            self.traffic,
+            self.lifecycle,
+            certificate_caller,
         )
         # The operator API shares the inference port unless admin.port names its own (e.g. a port
         # that only the operators' network reaches).
@@ -190,6 +200,21 @@ class Gateway:
             except Exception:
                 log.exception("cannot refresh routes or tokens; keeping the current ones")
 
+    async def _watch_repository(self) -> None:
+        """Load version directories that appear in the model repository while the gateway runs."""
+        interval = self.config.repository.watch_interval_s
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                loaded = await self.lifecycle.load_new()
+            except OSError as e:
+                log.error("cannot scan the model repository %s: %s", self.repository.root, e)
+                continue
+            if loaded:
+                await self._set_serving(self.repository.ready)
+
     async def _watch_drift(self) -> None:
         """Compare each profiled version's recent inputs with its training profile; log alert changes."""
         while True:
@@ -237,7 +262,11 @@ class Gateway:
             loading.result()
             await self._set_serving(self.repository.ready)
             log.info("ready: %d model versions loaded", sum(v.ready for v in self.repository.all_versions()))
-        watching = [asyncio.create_task(self._watch_changes()), asyncio.create_task(self._watch_drift())]
+        watching = [
+            asyncio.create_task(self._watch_changes()),
+            asyncio.create_task(self._watch_drift()),
+            asyncio.create_task(self._watch_repository()),
+        ]
         await stopping
         for task in watching:
             task.cancel()

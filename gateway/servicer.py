@@ -15,15 +15,17 @@ from typing import Any
 
 import grpc
 
-from gateway.auth import Identity, TokenStore
+from gateway.auth import Identity, TokenStore, require
 from gateway.codec import decode_request, encode_response
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, InvalidArgument, NotFound, Unauthenticated
 from gateway.inference import InferenceService
+from gateway.lifecycle import ModelLifecycle
 from gateway.protocol import inference as pb
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.runtime import TensorSpec
 from gateway.streaming import RequestStream
 from gateway.tls import CertificateCaller
+from router.rules import version_order
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +99,11 @@ class InferenceServicer:
         tokens: TokenStore,
         require_token: bool,
         stream_max_in_flight: int,
+        lifecycle: ModelLifecycle,
         certificate_caller: CertificateCaller | None = None,
     ) -> None:
         self._repository = repository
+        self._lifecycle = lifecycle
         self._service = service
         self._tokens = tokens
         self._require_token = require_token
@@ -221,6 +225,54 @@ class InferenceServicer:
         async for reply in RequestStream(answer, self._stream_max_in_flight).replies(requests):
             yield reply
 
+    def _repository_admin(self, context: grpc.aio.ServicerContext, action: str) -> Identity:
+        identity = self._caller(dict(context.invocation_metadata() or ()), context)
+        if identity is None:
+            raise Unauthenticated(f"{action} needs an admin token (authorization: Bearer ...)")
+        require(identity, "admin", action)
+        return identity
+
+    @refusals_answered(pb.RepositoryIndexResponse)
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        self._repository_admin(context, "RepositoryIndex")
+        response = pb.RepositoryIndexResponse()
+        loaded = self._repository.models
+        on_disk = self._repository.on_disk()
+        for name in sorted(set(on_disk) | set(loaded)):
+            for version in sorted(set(on_disk.get(name, [])) | set(loaded.get(name, {})), key=version_order):
+                found = loaded.get(name, {}).get(version)
+                state, reason = (found.state, found.reason) if found is not None else ("UNAVAILABLE", "not loaded")
+                if not request.ready or state == "READY":
+                    response.models.add(name=name, version=version, state=state, reason=reason)
+        return response
+
+    @refusals_answered(pb.RepositoryModelLoadResponse)
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        identity = self._repository_admin(context, "RepositoryModelLoad")
+        _refuse_overrides(request.parameters)
+        versions = self._repository.on_disk().get(request.model_name)
+        if not versions:
+            raise NotFound(f"model_name: no model {request.model_name!r} in repository {self._repository.root}")
+        loaded = self._repository.models.get(request.model_name, {})
+        why = _reason(request.parameters, "RepositoryModelLoad")
+        for version in versions:
+            if version not in loaded or loaded[version].state == "FAILED":
+                await self._lifecycle.load(request.model_name, version, who=identity.name, why=why)
+        return pb.RepositoryModelLoadResponse()
+
+    @refusals_answered(pb.RepositoryModelUnloadResponse)
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        identity = self._repository_admin(context, "RepositoryModelUnload")
+        why = _reason(request.parameters, "RepositoryModelUnload")
+        await self._lifecycle.unload_model(request.model_name, who=identity.name, why=why)
+        return pb.RepositoryModelUnloadResponse()
+
     async def _log_unprocessed(self, request: pb.ModelInferRequest, error: GatewayError) -> GatewayError:
         """Log a request refused before processing; return the error to answer with."""
         try:
@@ -230,6 +282,23 @@ class InferenceServicer:
         except GatewayError as log_error:  # the log could not take the record: say so instead
             return log_error
         return error
+
+
+def _refuse_overrides(parameters: Any) -> None:
+    """Triton lets load_model send a config or model files; here versions come from the repository only."""
+    for key in parameters:
+        if key == "config" or key.startswith("file:"):
+            raise InvalidArgument(
+                f"parameters[{key}]: overriding the model's config or files is not supported; "
+                "put the version in the model repository and load it from there"
+            )
+
+
+def _reason(parameters: Any, default: str) -> str:
+    """The change-log reason: a `reason` string parameter, else the RPC's name."""
+    if "reason" in parameters and parameters["reason"].string_param.strip():
+        return str(parameters["reason"].string_param.strip())
+    return default
 
 
 def _stream_error(request: pb.ModelInferRequest, error: GatewayError) -> pb.ModelStreamInferResponse:

@@ -116,7 +116,11 @@ class ShadowRunner:
             version = self._repository.get_ready(primary.model, version_name)
             record.sha256 = version.sha256
             assert version.batcher is not None and version.model is not None
-            outputs = await version.batcher.run(feeds, rows)
+            version.in_flight += 1  # an unload waits for this call
+            try:
+                outputs = await version.batcher.run(feeds, rows)
+            finally:
+                version.in_flight -= 1
             record.outputs = [
                 Tensor.of(spec.name, spec.dtype.v2_name, array)
                 for spec, array in zip(version.model.outputs, outputs, strict=True)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 
 from router.rules import Route
-from router.store import Action, Change, ChangeEntry, RouteStore
+from router.store import Action, Change, ChangeEntry, ModelAction, RouteStore
 from router.table import RouteTable
 
 Ready = Callable[[], Mapping[str, AbstractSet[str]]]
@@ -37,6 +37,12 @@ class RouteControl:
 
     def change(self, model: str, change: Change, *, who: str, why: str, action: Action) -> ChangeEntry:
         entry = self._store.apply(model, change, who=who, why=why, action=action, ready=self._ready())
+        self.table = self._load()
+        return entry
+
+    def record(self, model: str, action: ModelAction, *, who: str, why: str, details: Mapping[str, str]) -> ChangeEntry:
+        """Log a model version loaded, unloaded or replaced (the route is unchanged)."""
+        entry = self._store.record(model, action, who=who, why=why, details=details)
         self.table = self._load()
         return entry
 

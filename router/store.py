@@ -33,8 +33,12 @@ from gateway.errors import ConfigError, FailedPrecondition, InvalidArgument
 from router import rules
 from router.rules import Route
 
-Action = Literal["split", "sticky", "shadow", "pin", "override", "promote", "rollback"]
-ACTIONS: tuple[Action, ...] = get_args(Action)
+RouteAction = Literal["split", "sticky", "shadow", "pin", "override", "promote", "rollback"]
+ModelAction = Literal["load", "unload", "replace"]  # model versions coming and going: logged, route unchanged
+Action = RouteAction | ModelAction
+ROUTE_ACTIONS: tuple[RouteAction, ...] = get_args(RouteAction)
+MODEL_ACTIONS: tuple[ModelAction, ...] = get_args(ModelAction)
+ACTIONS: tuple[Action, ...] = ROUTE_ACTIONS + MODEL_ACTIONS
 
 Change = Route | None | Callable[[Route], Route | None]
 """A new route (None removes the route), or a function of the current one."""
@@ -57,7 +61,10 @@ def _route_of(data: Mapping[str, Any] | None) -> Route | None:
 
 @dataclass(frozen=True)
 class ChangeEntry:
-    """One change-log entry: who changed which model's route, when, why, and the route before and after."""
+    """One change-log entry: who changed which model's route, when, why, and the route before and after.
+
+    A model action (a version loaded, unloaded or replaced) leaves the route as it was and says what
+    happened in `details` (version, sha256, ...)."""
 
     seq: int
     time_ns: int
@@ -67,6 +74,7 @@ class ChangeEntry:
     model: str
     before: Route | None
     after: Route | None
+    details: Mapping[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (msgpack / JSON), the stored form."""
@@ -79,6 +87,7 @@ class ChangeEntry:
             "model": self.model,
             "before": _route_data(self.before),
             "after": _route_data(self.after),
+            "details": None if self.details is None else dict(self.details),
         }
 
     @classmethod
@@ -92,6 +101,7 @@ class ChangeEntry:
             model=data["model"],
             before=_route_of(data["before"]),
             after=_route_of(data["after"]),
+            details=data.get("details"),
         )
 
 
@@ -176,6 +186,12 @@ class RouteStore:
         """Return `model` to the route it had before its last change (validated like any change)."""
         return self._write(model, who, why, "rollback", ready, lambda txn, _current: self._previous(txn, model))
 
+    def record(self, model: str, action: ModelAction, *, who: str, why: str, details: Mapping[str, str]) -> ChangeEntry:
+        """Log a model action (a version loaded, unloaded, replaced) in the change log; the route stays."""
+        if action not in MODEL_ACTIONS:
+            raise InvalidArgument(f"action: {action!r} is not one of {', '.join(MODEL_ACTIONS)}")
+        return self._write(model, who, why, action, {}, lambda _txn, current: current, details=details)
+
     def previous_route(self, model: str) -> Route | None:
         """The route before `model`'s last change (None: it had none); FailedPrecondition without history."""
         with self._env.begin() as txn:
@@ -200,6 +216,7 @@ class RouteStore:
         action: Action,
         ready: Mapping[str, AbstractSet[str]],
         target: Callable[[lmdb.Transaction, Route | None], Route | None],
+        details: Mapping[str, str] | None = None,
     ) -> ChangeEntry:
         if not isinstance(model, str) or not model:
             raise InvalidArgument(f"model: {model!r} must be a model name")
@@ -213,14 +230,14 @@ class RouteStore:
         with self._env.begin(write=True) as txn:  # an exception aborts: nothing is written
             current = _route_of(self._unpack(txn.get(key, db=self._routes)))
             after = target(txn, current)
-            if after == current:
+            if after == current and details is None:
                 # Idempotent, like applying a declarative config twice: nothing is written, so the
                 # table version stays and the next rollback still undoes the last real change.
                 return ChangeEntry(self._version(txn), time.time_ns(), who, why.strip(), action, model, current, after)
-            if after is not None:
+            if after is not None and details is None:
                 rules.validate(model, after, ready)
             seq = self._version(txn) + 1
-            entry = ChangeEntry(seq, time.time_ns(), who, why.strip(), action, model, current, after)
+            entry = ChangeEntry(seq, time.time_ns(), who, why.strip(), action, model, current, after, details)
             txn.put(_u64(seq), msgpack.packb(entry.to_dict()), db=self._log)
             txn.put(key + _NUL + _u64(seq), b"", db=self._by_model)
             if after is None:
@@ -241,11 +258,12 @@ class RouteStore:
         cursor = txn.cursor(db=self._by_model)
         # The model's last entry is the greatest key below prefix + 0xff...: step back from where that would go.
         found = cursor.prev() if cursor.set_range(prefix + b"\xff" * 8) else cursor.last()
-        key = bytes(cursor.key())
-        if not found or not key.startswith(prefix):
-            raise FailedPrecondition(f"model: {model!r} has no route change to roll back")
-        entry = ChangeEntry.from_dict(msgpack.unpackb(txn.get(key[len(prefix) :], db=self._log)))
-        return entry.before
+        while found and bytes(cursor.key()).startswith(prefix):
+            entry = ChangeEntry.from_dict(msgpack.unpackb(txn.get(bytes(cursor.key())[len(prefix) :], db=self._log)))
+            if entry.action not in MODEL_ACTIONS:  # loads and unloads are logged but are not route changes
+                return entry.before
+            found = cursor.prev()
+        raise FailedPrecondition(f"model: {model!r} has no route change to roll back")
 
     def _entries(self, txn: lmdb.Transaction, model: str | None) -> Iterator[ChangeEntry]:
         if model is None:
