@@ -22,6 +22,7 @@ from gateway.admin import AdminServicer
 from gateway.auth import TokenStore
 from gateway.config import GatewayConfig
 from gateway.inference import InferenceService
+from gateway.ratelimit import RateLimiter
 from gateway.repository import ModelRepository
 from gateway.requestlog.reader import LogReader
 from gateway.requestlog.writer import LogWriter
@@ -54,8 +55,15 @@ class Gateway:
         self.shadows = ShadowRunner(
             self.repository, self.request_log, config.shadows.max_concurrency, self.traffic, self.telemetry
         )
+        auth = config.auth
         self.service = InferenceService(
-            self.repository, self.request_log, self.routes, self.shadows, self.traffic, self.telemetry
+            self.repository,
+            self.request_log,
+            self.routes,
+            self.shadows,
+            self.traffic,
+            self.telemetry,
+            RateLimiter(auth.rate_limit_per_s, auth.rate_limit_burst) if auth.rate_limit_per_s > 0 else None,
         )
         if self.telemetry is not None and self.telemetry.metrics is not None:
             self._observe(self.telemetry.metrics)
@@ -80,7 +88,14 @@ class Gateway:
             ),
         )
         admin = AdminServicer(
-            self.repository, self.routes, self.tokens, self.shadows, self.log_reader, self.traffic, certificate_caller
+            self.repository,
+            self.routes,
+            self.tokens,
+            self.shadows,
+            self.log_reader,
+            self.traffic,
+            certificate_caller,
+            self.service.refusals,
         )
         # The operator API shares the inference port unless admin.port names its own (e.g. a port
         # that only the operators' network reaches).
@@ -141,6 +156,13 @@ class Gateway:
 
             return read
 
+        def refusals() -> Iterable[tuple[float, dict[str, str]]]:
+            for (model, limit), count in list(self.service.refusals.items()):
+                yield count, {"model": model, "limit": limit}
+
+        metrics.observe(
+            "gateway.limit.refused", "counter", "requests refused by a limit, by model and limit", "{request}", refusals
+        )
         metrics.observe("gateway.drift.alert", "gauge", "1 while a version's drift alert is on", "1", drift("alert"))
         metrics.observe(
             "gateway.drift.psi", "gauge", "PSI of recent inputs vs training, per feature", "1", drift("psi")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -77,6 +78,12 @@ def _parameter_reader(request: pb.ModelInferRequest) -> Callable[[str], str | No
         return None if kind is None else str(getattr(parameter, kind))
 
     return read
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline as a time.monotonic() value (None: the client set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
@@ -182,6 +189,7 @@ class InferenceServicer:
             return pb.ModelInferResponse()
         decoded.headers = headers
         decoded.parameter = _parameter_reader(request)
+        decoded.deadline = _deadline(context)
         try:
             response = await self._service.infer(decoded)
         except GatewayError as e:
@@ -193,8 +201,9 @@ class InferenceServicer:
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Triton's streaming inference: every request gets one reply (its own error included) and the
-        same routing, validation and logging as ModelInfer; the stream's metadata applies to all."""
+        same routing, validation and logging as ModelInfer; the stream's metadata and deadline apply to all."""
         headers = dict(context.invocation_metadata() or ())
+        deadline = _deadline(context)
         try:
             caller, refused = self._caller(headers, context), None
         except GatewayError as e:  # each request is still answered, and logged, with the refusal
@@ -210,6 +219,7 @@ class InferenceServicer:
             decoded.caller = caller
             decoded.headers = headers
             decoded.parameter = _parameter_reader(request)
+            decoded.deadline = deadline
             try:
                 response = await self._service.infer(decoded)
             except GatewayError as e:
