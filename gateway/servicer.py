@@ -41,7 +41,10 @@ def _server_version() -> str:
 
 
 def reject(context: grpc.aio.ServicerContext, method: str, error: GatewayError) -> None:
-    log.info("%s rejected with %s: %s", method, error.code.name, error.message)
+    # A refusal by a limit gets no line of its own: under overload that would be a line per shed request,
+    # written when CPU is scarcest; each is in the request log and counted by model and limit.
+    if error.limit is None:
+        log.info("%s rejected with %s: %s", method, error.code.name, error.message)
     context.set_code(error.code)
     context.set_details(error.message)
 
@@ -244,7 +247,8 @@ class InferenceServicer:
 
 def _stream_error(request: pb.ModelInferRequest, error: GatewayError) -> pb.ModelStreamInferResponse:
     """One streamed request's failure: its status and message in `error_message`, its id in the reply."""
-    log.info("ModelStreamInfer request %r rejected with %s: %s", request.id, error.code.name, error.message)
+    if error.limit is None:  # as in `reject`: refusals by limits are logged and counted, not printed
+        log.info("ModelStreamInfer request %r rejected with %s: %s", request.id, error.code.name, error.message)
     reply = pb.ModelStreamInferResponse(error_message=f"{error.code.name}: {error.message}")
     reply.infer_response.id = request.id
     reply.infer_response.model_name = request.model_name
