@@ -120,9 +120,11 @@ class AdminServicer:
         traffic: Traffic,
         lifecycle: ModelLifecycle,
         certificate_caller: CertificateCaller | None = None,
+        refusals: dict[tuple[str, str], int] | None = None,
     ) -> None:
         self._repository = repository
         self._lifecycle = lifecycle
+        self._refusals = refusals if refusals is not None else {}  # (model, limit) -> refused requests
         self._traffic = traffic
         self._routes = routes
         self._tokens = tokens
@@ -246,6 +248,9 @@ class AdminServicer:
                 route=self._route_message(model),
                 ood_policy=self._repository.get(model, "").serving.ood_policy,
             )
+            for (name, limit), count in list(self._refusals.items()):
+                if name == model:
+                    status.refused[limit] = count
             for version in self._repository.versions_of(model).values():
                 report = version.drift_report
                 status.versions.add(

@@ -380,6 +380,7 @@ def _status(args: argparse.Namespace) -> Result:
                 for v in m.versions
             ],
             "traffic": [{f: getattr(t, f) for f in traffic_fields} for t in m.traffic],
+            "refused": dict(sorted(m.refused.items())),
         }
         for m in response.models
     ]
@@ -417,7 +418,9 @@ def _status_text(doc: Document) -> str:
                     )
                 rows.append((v["version"], state, t["role"] if t else "-", *figures, profile, drift))
         headers = ("VERSION", "STATE", "ROLE", "REQ/S", "ERRORS", "P50 MS", "P99 MS", "OOD", "REQUESTS", "PROFILE")
-        blocks.append(head + "\n" + table((*headers, "DRIFT"), rows))
+        refused = ", ".join(f"{limit} {count}" for limit, count in m["refused"].items())
+        tail = f"\nrefused by limits since start: {refused}" if refused else ""
+        blocks.append(head + "\n" + table((*headers, "DRIFT"), rows) + tail)
     return f"last {doc['window_s']:g} s of traffic\n\n" + "\n\n".join(blocks)
 
 

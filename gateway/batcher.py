@@ -13,6 +13,9 @@ The batcher therefore waits for company, but only where waiting has been seen to
   64 batches (so a target one above the number of callers does not make every other batch wait
   out the timeout). Two waits in a row that gather nobody return to idle mode, so a drop in load
   stops costing latency at once.
+
+A queued request whose deadline passes, or whose caller went away, is dropped when the next batch is
+taken: the model never runs for an answer nobody can receive.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from gateway.errors import GatewayError, ModelExecutionError
+from gateway.errors import DeadlineExceeded, GatewayError, ModelExecutionError
 from gateway.runtime import OnnxModel
 from gateway.stats import VersionStats
 
@@ -37,14 +40,17 @@ EXPLORE_HOLD_BATCHES = 64
 
 
 class _Pending:
-    __slots__ = ("feeds", "rows", "future", "key", "queued_ns")
+    __slots__ = ("feeds", "rows", "future", "key", "queued_ns", "deadline")
 
-    def __init__(self, feeds: Feeds, rows: int, future: asyncio.Future[list[np.ndarray]]) -> None:
+    def __init__(
+        self, feeds: Feeds, rows: int, future: asyncio.Future[list[np.ndarray]], deadline: float | None
+    ) -> None:
         self.feeds = feeds
         self.rows = rows
         self.future = future
         self.key = tuple(a.shape[1:] for a in feeds.values())
         self.queued_ns = time.perf_counter_ns()
+        self.deadline = deadline  # time.monotonic() after which nobody waits for the answer; None: never
 
 
 class MicroBatcher:
@@ -57,7 +63,9 @@ class MicroBatcher:
         max_batch_size: int,
         max_batch_wait_us: int,
         inline: bool,
+        label: str = "",
     ) -> None:
+        self._label = label  # "model 'x' version '1'", for messages
         self._model = model
         self._stats = stats
         self._max_rows = max(1, max_batch_size) if model.batchable else 1
@@ -78,6 +86,11 @@ class MicroBatcher:
     def inline(self) -> bool:
         return self._executor is None
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch (not yet running)."""
+        return len(self._queue)
+
     def _should_wait(self) -> bool:
         """Idle mode runs a request at once, except for one probe per interval."""
         if self._max_wait_s <= 0 or self._max_rows == 1:
@@ -90,14 +103,15 @@ class MicroBatcher:
         self._next_probe = now + PROBE_INTERVAL_S
         return True
 
-    async def run(self, feeds: Feeds, rows: int) -> list[np.ndarray]:
-        """Outputs (in signature order) for these rows."""
+    async def run(self, feeds: Feeds, rows: int, deadline: float | None = None) -> list[np.ndarray]:
+        """Outputs (in signature order) for these rows; DeadlineExceeded if `deadline` (monotonic) passes
+        while they wait for a batch."""
         starting = not self._queue
         wait = starting and rows < self._max_rows and self._should_wait()
         if starting and not wait and self.inline:
             return self._execute_now(feeds, rows)
         loop = asyncio.get_running_loop()
-        pending = _Pending(feeds, rows, loop.create_future())
+        pending = _Pending(feeds, rows, loop.create_future(), deadline)
         self._queue.append(pending)
         self._queued_rows += rows
         if self._busy:
@@ -151,13 +165,17 @@ class MicroBatcher:
         return outputs
 
     def _take_batch(self) -> list[_Pending]:
-        """Pop the oldest requests that share trailing shapes, up to the row limit."""
-        first = self._queue[0]
+        """Pop the oldest requests that share trailing shapes, up to the row limit; drop the requests
+        that nobody waits for any more (deadline passed, caller gone). The batch may be empty."""
+        now = time.monotonic()
         batch: list[_Pending] = []
         rest: list[_Pending] = []
         rows = 0
         for p in self._queue:
-            if not batch or (p.key == first.key and rows + p.rows <= self._max_rows):
+            if p.future.done() or (p.deadline is not None and p.deadline <= now):
+                self._queued_rows -= p.rows
+                self._expire(p, now)
+            elif not batch or (p.key == batch[0].key and rows + p.rows <= self._max_rows):
                 batch.append(p)
                 rows += p.rows
             else:
@@ -165,6 +183,19 @@ class MicroBatcher:
         self._queue = rest
         self._queued_rows -= rows
         return batch
+
+    def _expire(self, pending: _Pending, now: float) -> None:
+        if pending.future.done():  # cancelled: the caller's handler is gone
+            return
+        waited_ms = (time.perf_counter_ns() - pending.queued_ns) / 1e6
+        late_ms = (now - pending.deadline) * 1e3 if pending.deadline is not None else 0.0
+        pending.future.set_exception(
+            DeadlineExceeded(
+                f"deadline: passed while queued for {self._label or 'the model'} "
+                f"(queued {waited_ms:.1f} ms, {late_ms:.1f} ms late); not run",
+                limit="deadline",
+            )
+        )
 
     def _flush(self) -> None:
         if self._timer is not None:
@@ -174,6 +205,8 @@ class MicroBatcher:
             return  # the running batch flushes the queue when it finishes
         while self._queue:
             batch = self._take_batch()
+            if not batch:
+                continue  # every queued request had expired
             if self._executor is None:
                 self._complete(batch, self._execute_batch(batch))
             else:

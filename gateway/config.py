@@ -7,6 +7,7 @@ so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tomllib
 import typing
@@ -56,6 +57,25 @@ class ModelServingConfig:
     reject_non_finite: bool = False
     ood_policy: OodPolicy = "flag"  # what an out-of-distribution request gets (versions with a profile)
     ood_fallback_version: str = ""  # ood_policy = "fallback": the version that answers such requests
+    # Limits, per version of the model (each version has its own session and queue); 0 = unlimited.
+    max_in_flight: int = 0  # requests admitted and not yet answered by the model
+    max_queue: int = -1  # requests waiting in the micro-batcher; -1: twice max_batch_size
+    max_tensor_rank: int = 0  # dimensions of any input
+    max_tensor_elements: int = 0  # elements of any input
+
+    def check(self, path: str) -> None:
+        """ConfigError naming `path.key` for a limit out of range (`path`: the section being read)."""
+        for key in ("max_in_flight", "max_tensor_rank", "max_tensor_elements"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{path}.{key}: must be 0 (unlimited) or more, got {getattr(self, key)}")
+        if self.max_queue < -1:
+            raise ConfigError(f"{path}.max_queue: must be -1 (twice max_batch_size), 0 (unlimited) or more")
+
+    @functools.cached_property
+    def queue_limit(self) -> int:
+        """Requests that may wait in the batcher (0: unlimited). By default two full batches: once a full
+        batch waits while one runs the model runs at its peak rate, so a longer queue adds only latency."""
+        return 2 * max(1, self.max_batch_size) if self.max_queue < 0 else self.max_queue
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,13 @@ class LogConfig:
 class AuthConfig:
     inference: Literal["open", "token"] = "open"  # token: ModelInfer needs a token of any role
     tokens_file: str = ""  # default: <server.state_dir>/tokens.json
+    rate_limit_per_s: float = 0.0  # inference requests per second per authenticated caller (0: off)
+    rate_limit_burst: int = 0  # requests a caller may send at once; 0: one second's worth
+
+    def __post_init__(self) -> None:
+        for key in ("rate_limit_per_s", "rate_limit_burst"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"auth.{key}: must be 0 (off) or more, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -225,6 +252,9 @@ def from_dict(data: dict[str, Any]) -> GatewayConfig:
         name: _build(ModelServingConfig, section, f"models.{name}", base=config.model_defaults)
         for name, section in models_table.items()
     }
+    config.model_defaults.check("model_defaults")
+    for name, serving in models.items():
+        serving.check(f"models.{name}")
     return dataclasses.replace(config, models=models)
 
 

@@ -13,9 +13,10 @@ class GatewayError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, limit: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.limit = limit  # the configured limit that refused the request, counted by model in metrics
 
 
 class InvalidArgument(GatewayError):
@@ -32,6 +33,14 @@ class FailedPrecondition(GatewayError):
 
 class ResourceExhausted(GatewayError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(GatewayError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(GatewayError):
+    code = grpc.StatusCode.CANCELLED
 
 
 class Unavailable(GatewayError):

@@ -1,11 +1,14 @@
 """The protocol-agnostic core: `infer(request) -> response` on plain objects and numpy arrays.
 
 Transports (the gRPC servicer today) convert their messages to `InferenceRequest` and back; all
-validation against the model's signature and all execution happens here.
+validation against the model's signature and all execution happens here, and so do the limits: the
+caller's rate, the client's deadline, each version's in-flight and queue bounds, tensor sizes. A
+refused request is logged like any other, and counted by model and limit in `refusals`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import re
@@ -18,8 +21,16 @@ import numpy as np
 from opentelemetry.trace import Span
 
 from gateway.auth import Identity
-from gateway.errors import FailedPrecondition, GatewayError, InvalidArgument
+from gateway.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    GatewayError,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from gateway.ood.scoring import OodResult
+from gateway.ratelimit import RateLimiter
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.requestlog.record import ROLE_FALLBACK, Record, Tensor
 from gateway.requestlog.writer import LogWriter
@@ -47,6 +58,7 @@ class InferenceRequest:
         "headers",
         "parameter",
         "caller",
+        "deadline",
     )
 
     def __init__(
@@ -60,6 +72,7 @@ class InferenceRequest:
         headers: Mapping[str, str] | None = None,
         parameter: Callable[[str], str | None] = _no_parameter,
         caller: Identity | None = None,
+        deadline: float | None = None,
     ) -> None:
         self.model_name = model_name
         self.model_version = model_version
@@ -70,6 +83,7 @@ class InferenceRequest:
         self.headers = headers or {}  # transport metadata (sticky routing key, route override)
         self.parameter = parameter  # a request parameter's value as text, looked up only if a route needs it
         self.caller = caller  # the authenticated caller, if the request carried a token
+        self.deadline = deadline  # the client's deadline as a time.monotonic() value; None: no deadline
 
 
 class InferenceResponse:
@@ -155,6 +169,47 @@ def _status(error: GatewayError) -> int:
 
 
 OK = int(grpc.StatusCode.OK.value[0])
+# A cancel this close to the deadline is the deadline: the client's own timer fires first (it started
+# before the server saw the call) and cancels the call a few milliseconds before the server's would.
+DEADLINE_SLACK_S = 0.02
+
+
+def _check_sizes(version: ModelVersion, request: InferenceRequest) -> None:
+    """The configured rank and element limits, checked on every input before the signature is."""
+    serving = version.serving
+    for name, array in request.inputs.items():
+        if serving.max_tensor_rank and array.ndim > serving.max_tensor_rank:
+            raise InvalidArgument(
+                f"inputs[{name}].shape: rank {array.ndim} exceeds max_tensor_rank {serving.max_tensor_rank} "
+                f"of model {version.name!r}",
+                limit="max_tensor_rank",
+            )
+        if serving.max_tensor_elements and array.size > serving.max_tensor_elements:
+            raise InvalidArgument(
+                f"inputs[{name}].shape: {_shape_text(array.shape)} has {array.size} elements, more than "
+                f"max_tensor_elements {serving.max_tensor_elements} of model {version.name!r}",
+                limit="max_tensor_elements",
+            )
+
+
+def _admit(version: ModelVersion) -> None:
+    """Refuse (RESOURCE_EXHAUSTED) a request the version has no room for: shedding early keeps the
+    latency of admitted requests bounded when more arrive than the model can run."""
+    serving = version.serving
+    assert version.batcher is not None
+    queue_limit = serving.queue_limit
+    if queue_limit and version.batcher.queued >= queue_limit:
+        raise ResourceExhausted(
+            f"model {version.name!r} version {version.version!r}: max_queue reached ({queue_limit} requests "
+            "waiting for the model); try again later",
+            limit="max_queue",
+        )
+    if serving.max_in_flight and version.in_flight >= serving.max_in_flight:
+        raise ResourceExhausted(
+            f"model {version.name!r} version {version.version!r}: max_in_flight reached "
+            f"({serving.max_in_flight} requests in flight); try again later",
+            limit="max_in_flight",
+        )
 
 
 class InferenceService:
@@ -169,8 +224,11 @@ class InferenceService:
         shadows: ShadowRunner,
         traffic: Traffic,
         telemetry: Telemetry | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.repository = repository
+        self._rate_limiter = rate_limiter
+        self.refusals: dict[tuple[str, str], int] = {}  # (model, limit) -> requests that limit refused
         self._traffic = traffic
         self._log = request_log
         self._routes = routes
@@ -183,6 +241,8 @@ class InferenceService:
         """Check inputs and outputs; return the batch size (rows) of the request."""
         model = version.model
         assert model is not None  # a ready version has a model
+        if version.serving.max_tensor_rank or version.serving.max_tensor_elements:
+            _check_sizes(version, request)
         expected = model.inputs
         if len(request.inputs) != len(expected) or any(s.name not in request.inputs for s in expected):
             names = [s.name for s in expected]
@@ -228,7 +288,19 @@ class InferenceService:
                 record.trace_id = f"{span.get_span_context().trace_id:032x}"
         rows = 0
         version: ModelVersion | None = None
+        deadline = request.deadline
         try:
+            caller = request.caller
+            if caller is not None and self._rate_limiter is not None and not self._rate_limiter.allow(caller.name):
+                raise ResourceExhausted(
+                    f"caller {caller.name!r} is over its rate limit of {self._rate_limiter.rate_per_s:g} "
+                    f"requests/s (burst {self._rate_limiter.burst:g}); try again later",
+                    limit="rate_limit",
+                )
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded(
+                    "deadline: passed before the gateway began to process the request; not run", limit="deadline"
+                )
             table = self._routes.table  # one snapshot for the whole decision
             routing_key = _routing_key(table.sticky_key(request.model_name), request)
             record.routing_key = routing_key
@@ -252,18 +324,26 @@ class InferenceService:
                 version, ood = self._screen(version, request, record)
                 marks.scored = time.perf_counter_ns()
             assert version.batcher is not None and version.model is not None
+            _admit(version)
             feeds = {spec.name: request.inputs[spec.name] for spec in version.model.inputs}
-            version.in_flight += 1  # an unload waits for this request
+            version.in_flight += 1  # max_in_flight counts it; an unload waits for it
             try:
-                results = await version.batcher.run(feeds, rows)
+                results = await version.batcher.run(feeds, rows, deadline)
             finally:
                 version.in_flight -= 1
             marks.executed = time.perf_counter_ns()
         except GatewayError as error:
-            if version is not None:
-                version.stats.record_request(rows, time.perf_counter_ns() - marks.start, ok=False)
-            record.status, record.message = _status(error), error.message
-            await self._commit(record, marks, span, rows)
+            await self._fail(error, record, marks, span, rows, version)
+            raise
+        except asyncio.CancelledError:
+            # The transport gave up on the call: its deadline passed (gRPC cancels the handler then) or
+            # the client went away. The request still gets its one log record.
+            if deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S:
+                gone: GatewayError = DeadlineExceeded("deadline: passed before the answer was ready", limit="deadline")
+            else:
+                early = f" ({(deadline - time.monotonic()) * 1e3:.1f} ms before its deadline)" if deadline else ""
+                gone = Cancelled(f"the caller cancelled the call before its answer was ready{early}")
+            await self._fail(gone, record, marks, span, rows, version)
             raise
         version.stats.record_request(rows, marks.executed - marks.start, ok=True)
         wanted = set(request.outputs)
@@ -278,6 +358,24 @@ class InferenceService:
         return InferenceResponse(
             version.name, version.version, request.id, request_id, record.outputs, ood, record.ood_features
         )
+
+    async def _fail(
+        self,
+        error: GatewayError,
+        record: Record,
+        marks: StageMarks,
+        span: Span | None,
+        rows: int,
+        version: ModelVersion | None,
+    ) -> None:
+        """Count and log a request that gets `error` instead of an answer."""
+        if version is not None:
+            version.stats.record_request(rows, time.perf_counter_ns() - marks.start, ok=False)
+        if error.limit is not None:
+            key = (record.model, error.limit)
+            self.refusals[key] = self.refusals.get(key, 0) + 1
+        record.status, record.message = _status(error), error.message
+        await self._commit(record, marks, span, rows)
 
     def _screen(
         self, version: ModelVersion, request: InferenceRequest, record: Record

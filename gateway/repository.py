@@ -70,7 +70,7 @@ class ModelVersion:
     ood_input: str = ""  # the input the profile describes
     drift: DriftMonitor | None = None  # recent inputs against the profile
     drift_report: DriftReport | None = None  # the latest comparison (refreshed by the server's drift task)
-    in_flight: int = 0  # requests holding this version (unload waits for them)
+    in_flight: int = 0  # requests admitted to the model and not yet answered (max_in_flight; unload waits)
 
     def attach_profile(self, config: OodConfig) -> None:
         """Load `profile.npz` if there is one; a profile that does not fit the model is a ConfigError."""
@@ -129,7 +129,12 @@ class ModelVersion:
                 self.serving.execution == "auto" and self.warmup_us < self.serving.inline_threshold_us
             )
             self.batcher = MicroBatcher(
-                model, self.stats, self.serving.max_batch_size, self.serving.max_batch_wait_us, inline
+                model,
+                self.stats,
+                self.serving.max_batch_size,
+                self.serving.max_batch_wait_us,
+                inline,
+                label=f"model {self.name!r} version {self.version!r}",
             )
             self.model = model
             self.state = "READY"

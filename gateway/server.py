@@ -23,6 +23,7 @@ from gateway.auth import TokenStore
 from gateway.config import GatewayConfig
 from gateway.inference import InferenceService
 from gateway.lifecycle import ModelLifecycle
+from gateway.ratelimit import RateLimiter
 from gateway.repository import ModelRepository
 from gateway.requestlog.reader import LogReader
 from gateway.requestlog.writer import LogWriter
@@ -56,8 +57,15 @@ class Gateway:
         self.shadows = ShadowRunner(
             self.repository, self.request_log, config.shadows.max_concurrency, self.traffic, self.telemetry
         )
+        auth = config.auth
         self.service = InferenceService(
-            self.repository, self.request_log, self.routes, self.shadows, self.traffic, self.telemetry
+            self.repository,
+            self.request_log,
+            self.routes,
+            self.shadows,
+            self.traffic,
+            self.telemetry,
+            RateLimiter(auth.rate_limit_per_s, auth.rate_limit_burst) if auth.rate_limit_per_s > 0 else None,
         )
         if self.telemetry is not None and self.telemetry.metrics is not None:
             self._observe(self.telemetry.metrics)
@@ -91,6 +99,7 @@ class Gateway:
             self.traffic,
             self.lifecycle,
             certificate_caller,
+            self.service.refusals,
         )
         # The operator API shares the inference port unless admin.port names its own (e.g. a port
         # that only the operators' network reaches).
@@ -151,6 +160,13 @@ class Gateway:
 
             return read
 
+        def refusals() -> Iterable[tuple[float, dict[str, str]]]:
+            for (model, limit), count in list(self.service.refusals.items()):
+                yield count, {"model": model, "limit": limit}
+
+        metrics.observe(
+            "gateway.limit.refused", "counter", "requests refused by a limit, by model and limit", "{request}", refusals
+        )
         metrics.observe("gateway.drift.alert", "gauge", "1 while a version's drift alert is on", "1", drift("alert"))
         metrics.observe(
             "gateway.drift.psi", "gauge", "PSI of recent inputs vs training, per feature", "1", drift("psi")

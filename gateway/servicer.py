@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -42,7 +43,10 @@ def _server_version() -> str:
 
 
 def reject(context: grpc.aio.ServicerContext, method: str, error: GatewayError) -> None:
-    log.info("%s rejected with %s: %s", method, error.code.name, error.message)
+    # A refusal by a limit gets no line of its own: under overload that would be a line per shed request,
+    # written when CPU is scarcest; each is in the request log and counted by model and limit.
+    if error.limit is None:
+        log.info("%s rejected with %s: %s", method, error.code.name, error.message)
     context.set_code(error.code)
     context.set_details(error.message)
 
@@ -79,6 +83,12 @@ def _parameter_reader(request: pb.ModelInferRequest) -> Callable[[str], str | No
         return None if kind is None else str(getattr(parameter, kind))
 
     return read
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline as a time.monotonic() value (None: the client set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
@@ -186,6 +196,7 @@ class InferenceServicer:
             return pb.ModelInferResponse()
         decoded.headers = headers
         decoded.parameter = _parameter_reader(request)
+        decoded.deadline = _deadline(context)
         try:
             response = await self._service.infer(decoded)
         except GatewayError as e:
@@ -197,8 +208,9 @@ class InferenceServicer:
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Triton's streaming inference: every request gets one reply (its own error included) and the
-        same routing, validation and logging as ModelInfer; the stream's metadata applies to all."""
+        same routing, validation and logging as ModelInfer; the stream's metadata and deadline apply to all."""
         headers = dict(context.invocation_metadata() or ())
+        deadline = _deadline(context)
         try:
             caller, refused = self._caller(headers, context), None
         except GatewayError as e:  # each request is still answered, and logged, with the refusal
@@ -214,6 +226,7 @@ class InferenceServicer:
             decoded.caller = caller
             decoded.headers = headers
             decoded.parameter = _parameter_reader(request)
+            decoded.deadline = deadline
             try:
                 response = await self._service.infer(decoded)
             except GatewayError as e:
@@ -303,7 +316,8 @@ def _reason(parameters: Any, default: str) -> str:
 
 def _stream_error(request: pb.ModelInferRequest, error: GatewayError) -> pb.ModelStreamInferResponse:
     """One streamed request's failure: its status and message in `error_message`, its id in the reply."""
-    log.info("ModelStreamInfer request %r rejected with %s: %s", request.id, error.code.name, error.message)
+    if error.limit is None:  # as in `reject`: refusals by limits are logged and counted, not printed
+        log.info("ModelStreamInfer request %r rejected with %s: %s", request.id, error.code.name, error.message)
     reply = pb.ModelStreamInferResponse(error_message=f"{error.code.name}: {error.message}")
     reply.infer_response.id = request.id
     reply.infer_response.model_name = request.model_name

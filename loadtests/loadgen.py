@@ -16,6 +16,13 @@ callers' share of requests in flight on it: a closed loop where each answer send
 request. Each slot's request carries its own id (`lg-<slot>`), which the answer echoes, so latency
 is measured per request even when answers come back out of order.
 
+With `rate_per_s` > 0 the load is open-loop instead: requests leave at that rate whatever the answers
+(at most `concurrency` outstanding; a request due beyond that counts as `CLIENT_BACKLOG`), and
+latency runs from each request's scheduled time, so a client that falls behind does not hide the
+server's delay. That is how an overload is offered: a closed loop slows down with its server.
+
+With `tls`, calls go over TLS (and mTLS when it carries a client key and certificate).
+
 For sticky routing, `sticky_keys` > 0 sends metadata `<sticky_header>: user-<n>` with every call,
 cycling n over that many distinct keys (each process from its own offset). The metadata objects are
 built once, so a call pays one list index for its key.
@@ -23,6 +30,7 @@ built once, so a call pays one list index for its key.
     python loadtests/loadgen.py --target 127.0.0.1:8001 --concurrency 16 --duration 10 --cpu 1
     python loadtests/loadgen.py --target 127.0.0.1:8001 --sticky-keys 10000   # x-user-id: user-0 .. user-9999
     python loadtests/loadgen.py --target 127.0.0.1:8001 --streaming --concurrency 16
+    python loadtests/loadgen.py --target 127.0.0.1:8001 --rate 1500 --concurrency 1000   # open loop
 """
 
 from __future__ import annotations
@@ -56,6 +64,18 @@ from gateway.protocol import inference as pb
 
 MODEL_STREAM_INFER = f"/{SERVICE}/ModelStreamInfer"
 INVALID_RESPONSE = "INVALID_RESPONSE"  # counted like a status code when `check` rejects an answer
+CLIENT_BACKLOG = "CLIENT_BACKLOG"  # open loop: a request was due while `concurrency` were outstanding
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """PEM bytes for a TLS channel: the CA to trust, and for mTLS the client's key and certificate."""
+
+    root_certificates: bytes
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+
+
 CONNECT_TIMEOUT_S = 30.0
 REPORT_POLL_S = 0.5
 
@@ -79,6 +99,8 @@ class LoadSpec:
     sticky_keys: int = 0  # > 0: every call carries metadata `sticky_header: user-<n>`, n cycling over this many
     sticky_header: str = "x-user-id"
     streaming: bool = False  # ModelStreamInfer: one stream per process carrying its callers' requests
+    rate_per_s: float = 0.0  # > 0: open loop at this total rate; concurrency bounds the outstanding calls
+    tls: ClientTls | None = None
 
     def __post_init__(self) -> None:
         if (self.duration_s is None) == (self.requests is None):
@@ -93,6 +115,8 @@ class LoadSpec:
             raise ValueError(f"sticky_header {self.sticky_header!r}: gRPC metadata keys are non-empty lowercase")
         if self.streaming and (self.sticky_keys or self.method != MODEL_INFER):
             raise ValueError("streaming sends ModelStreamInfer without per-call metadata: no sticky_keys or method")
+        if self.rate_per_s < 0 or (self.rate_per_s and self.streaming):
+            raise ValueError("rate_per_s: must not be negative, and open loop is for unary calls")
 
 
 def sticky_metadata(spec: LoadSpec) -> list[grpc.aio.Metadata]:
@@ -200,6 +224,39 @@ class _ClosedLoop:
         else:
             self.errors[status] += 1
 
+    async def open_loop(self, call: grpc.aio.UnaryUnaryMultiCallable, rate_per_s: float, max_outstanding: int) -> None:
+        """Send at `rate_per_s` whatever the answers; each latency runs from the request's scheduled time."""
+        body, timeout = self.spec.body, self.spec.rpc_timeout_s
+        interval_ns = int(1e9 / rate_per_s)
+        outstanding: set[asyncio.Task[None]] = set()
+
+        async def one(scheduled_ns: int, measured: bool) -> None:
+            try:
+                await call(body, timeout=timeout)
+                status = None
+            except grpc.aio.AioRpcError as e:
+                status = e.code().name
+            self._tally(measured, scheduled_ns, status)
+
+        due_ns = time.monotonic_ns()
+        while True:
+            now = time.monotonic_ns()
+            if due_ns > now:
+                await asyncio.sleep((due_ns - now) / 1e9)
+                continue
+            measured = self._admit(due_ns)
+            if measured is None:
+                break
+            if len(outstanding) >= max_outstanding:
+                self._tally(measured, due_ns, CLIENT_BACKLOG)
+            else:
+                task = asyncio.get_running_loop().create_task(one(due_ns, measured))
+                outstanding.add(task)
+                task.add_done_callback(outstanding.discard)
+            due_ns += interval_ns
+        if outstanding:
+            await asyncio.gather(*outstanding)
+
     async def stream(self, call: grpc.aio.StreamStreamMultiCallable, slots: int) -> None:
         """`slots` requests in flight on one stream; each answer sends its slot's next request."""
         bodies = [_with_id(self.spec.body, f"lg-{slot}") for slot in range(slots)]
@@ -257,14 +314,26 @@ def _with_id(body: bytes, request_id: str) -> bytes:
     return bytes(request.SerializeToString())
 
 
+def _channel(spec: LoadSpec) -> grpc.aio.Channel:
+    if spec.tls is None:
+        return grpc.aio.insecure_channel(spec.target)
+    credentials = grpc.ssl_channel_credentials(
+        spec.tls.root_certificates, spec.tls.private_key, spec.tls.certificate_chain
+    )
+    return grpc.aio.secure_channel(spec.target, credentials)
+
+
 async def _drive(spec: LoadSpec, callers: int, requests: int | None, barrier: Barrier, first_key: int) -> _Report:
-    async with grpc.aio.insecure_channel(spec.target) as channel:
+    async with _channel(spec) as channel:
         await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
         barrier.wait(CONNECT_TIMEOUT_S)  # every process starts its clock together
         cpu_start = time.process_time()
         loop = _ClosedLoop(spec, requests, first_key)
         if spec.streaming:  # no serializers: bytes in, bytes out
             await loop.stream(channel.stream_stream(MODEL_STREAM_INFER), callers)
+        elif spec.rate_per_s:
+            share = spec.rate_per_s * callers / spec.concurrency
+            await loop.open_loop(channel.unary_unary(spec.method), share, callers)
         else:
             call = channel.unary_unary(spec.method)
             await asyncio.gather(*(loop.caller(call) for _ in range(callers)))
@@ -398,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--streaming", action="store_true", help="send over ModelStreamInfer: one stream per process, all in flight"
     )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="open loop: requests per second in total (--concurrency: most outstanding)",
+    )
     parser.add_argument("--json", type=Path, help="also write the result to this file")
     return parser
 
@@ -423,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         sticky_keys=args.sticky_keys,
         sticky_header=args.sticky_header,
         streaming=args.streaming,
+        rate_per_s=args.rate,
     )
     result = run_load(spec)
     print(format_result(result))
