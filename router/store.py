@@ -11,7 +11,8 @@ Layout (named databases; integers are 8-byte big-endian so keys sort numerically
 `meta`: format, version. `routes`: model → route (msgpack). `log`: seq → entry (msgpack).
 `log_by_model`: model NUL seq → empty, to find a model's changes without scanning the whole log.
 
-Rollback returns a model to the route before its last change, and is itself a change: rolling back twice
+Rollback returns a model to the route before its last change (notes, entries of action `rollout` that
+changed nothing, are skipped), and is itself a change: rolling back twice
 returns to where the first rollback started, like `cd -`. A route of None means "no route" (the model
 serves its highest version).
 """
@@ -33,7 +34,8 @@ from gateway.errors import ConfigError, FailedPrecondition, InvalidArgument
 from router import rules
 from router.rules import Route
 
-Action = Literal["split", "sticky", "shadow", "pin", "override", "promote", "rollback"]
+Action = Literal["split", "sticky", "shadow", "pin", "override", "promote", "rollback", "rollout"]
+"""`rollout`: a progressive rollout's decision that leaves the route as it is (started, paused, resumed)."""
 ACTIONS: tuple[Action, ...] = get_args(Action)
 
 Change = Route | None | Callable[[Route], Route | None]
@@ -176,6 +178,11 @@ class RouteStore:
         """Return `model` to the route it had before its last change (validated like any change)."""
         return self._write(model, who, why, "rollback", ready, lambda txn, _current: self._previous(txn, model))
 
+    def note(self, model: str, *, who: str, why: str) -> ChangeEntry:
+        """Log a rollout action that leaves the route unchanged (before == after), so the change log holds
+        every decision about a model's traffic, not only the edits."""
+        return self._write(model, who, why, "rollout", {}, lambda _txn, current: current, unchanged=True)
+
     def previous_route(self, model: str) -> Route | None:
         """The route before `model`'s last change (None: it had none); FailedPrecondition without history."""
         with self._env.begin() as txn:
@@ -200,6 +207,7 @@ class RouteStore:
         action: Action,
         ready: Mapping[str, AbstractSet[str]],
         target: Callable[[lmdb.Transaction, Route | None], Route | None],
+        unchanged: bool = False,
     ) -> ChangeEntry:
         if not isinstance(model, str) or not model:
             raise InvalidArgument(f"model: {model!r} must be a model name")
@@ -213,11 +221,11 @@ class RouteStore:
         with self._env.begin(write=True) as txn:  # an exception aborts: nothing is written
             current = _route_of(self._unpack(txn.get(key, db=self._routes)))
             after = target(txn, current)
-            if after == current:
+            if after == current and not unchanged:
                 # Idempotent, like applying a declarative config twice: nothing is written, so the
                 # table version stays and the next rollback still undoes the last real change.
                 return ChangeEntry(self._version(txn), time.time_ns(), who, why.strip(), action, model, current, after)
-            if after is not None:
+            if after is not None and after != current:
                 rules.validate(model, after, ready)
             seq = self._version(txn) + 1
             entry = ChangeEntry(seq, time.time_ns(), who, why.strip(), action, model, current, after)
@@ -241,11 +249,13 @@ class RouteStore:
         cursor = txn.cursor(db=self._by_model)
         # The model's last entry is the greatest key below prefix + 0xff...: step back from where that would go.
         found = cursor.prev() if cursor.set_range(prefix + b"\xff" * 8) else cursor.last()
-        key = bytes(cursor.key())
-        if not found or not key.startswith(prefix):
-            raise FailedPrecondition(f"model: {model!r} has no route change to roll back")
-        entry = ChangeEntry.from_dict(msgpack.unpackb(txn.get(key[len(prefix) :], db=self._log)))
-        return entry.before
+        while found and bytes(cursor.key()).startswith(prefix):
+            key = bytes(cursor.key())
+            entry = ChangeEntry.from_dict(msgpack.unpackb(txn.get(key[len(prefix) :], db=self._log)))
+            if entry.action != "rollout":  # notes changed nothing: undo the last real change
+                return entry.before
+            found = cursor.prev()
+        raise FailedPrecondition(f"model: {model!r} has no route change to roll back")
 
     def _entries(self, txn: lmdb.Transaction, model: str | None) -> Iterator[ChangeEntry]:
         if model is None:
