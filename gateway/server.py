@@ -31,6 +31,7 @@ from gateway.stats import Traffic
 from gateway.telemetry import Observe, RequestMetrics
 from gateway.tls import CertificateCaller, CertificateFiles, is_loopback
 from router.control import RouteControl
+from router.rollout import RolloutManager, RolloutStore
 from router.store import RouteStore
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 INFERENCE_SERVICE = protocol.inference.GRPCInferenceService.full_name
 ADMIN_SERVICE = protocol.admin.AdminService.full_name
 WATCH_INTERVAL_S = 1.0
+ROLLOUT_TICK_S = 0.2  # how often rollouts are judged: a bad candidate is rolled back within this of the evidence
 
 
 class Gateway:
@@ -53,6 +55,9 @@ class Gateway:
         self.traffic = Traffic()
         self.shadows = ShadowRunner(
             self.repository, self.request_log, config.shadows.max_concurrency, self.traffic, self.telemetry
+        )
+        self.rollouts = RolloutManager(
+            RolloutStore(config.rollouts_dir), self.routes, self.traffic.counts, self._shadow_counts
         )
         self.service = InferenceService(
             self.repository, self.request_log, self.routes, self.shadows, self.traffic, self.telemetry
@@ -80,7 +85,14 @@ class Gateway:
             ),
         )
         admin = AdminServicer(
-            self.repository, self.routes, self.tokens, self.shadows, self.log_reader, self.traffic, certificate_caller
+            self.repository,
+            self.routes,
+            self.tokens,
+            self.shadows,
+            self.log_reader,
+            self.traffic,
+            self.rollouts,
+            certificate_caller,
         )
         # The operator API shares the inference port unless admin.port names its own (e.g. a port
         # that only the operators' network reaches).
@@ -98,6 +110,10 @@ class Gateway:
             reflection.enable_server_reflection(
                 [ADMIN_SERVICE, reflection.SERVICE_NAME], self.admin_server, pool=protocol.POOL
             )
+
+    def _shadow_counts(self, model: str, primary: str, shadow: str) -> tuple[int, int, int]:
+        stat = self.shadows.agreement.get((model, primary, shadow))
+        return (0, 0, 0) if stat is None else (stat.compared, stat.agreed, stat.failed)
 
     def _observe(self, metrics: RequestMetrics) -> None:
         """Metrics read at export time from figures the gateway keeps anyway."""
@@ -217,6 +233,15 @@ class Gateway:
                 else:
                     log.info("drift alert cleared: model %s version %s", version.name, version.version)
 
+    async def _drive_rollouts(self) -> None:
+        """Judge running rollouts: step, promote or roll back (router.rollout decides, this only ticks)."""
+        while True:
+            await asyncio.sleep(ROLLOUT_TICK_S)
+            try:
+                self.rollouts.tick()
+            except Exception:
+                log.exception("rollout tick failed; trying again at the next tick")
+
     async def run(self, stop: asyncio.Event) -> None:
         await self._set_serving(False)
         await self.server.start()
@@ -237,7 +262,11 @@ class Gateway:
             loading.result()
             await self._set_serving(self.repository.ready)
             log.info("ready: %d model versions loaded", sum(v.ready for v in self.repository.all_versions()))
-        watching = [asyncio.create_task(self._watch_changes()), asyncio.create_task(self._watch_drift())]
+        watching = [
+            asyncio.create_task(self._watch_changes()),
+            asyncio.create_task(self._watch_drift()),
+            asyncio.create_task(self._drive_rollouts()),
+        ]
         await stopping
         for task in watching:
             task.cancel()
@@ -251,6 +280,7 @@ class Gateway:
         await self.shadows.drain()
         if self.request_log is not None:
             await self.request_log.close()
+        self.rollouts.close()
         self.routes.close()
         self.repository.close()
         if self.telemetry is not None:
