@@ -37,6 +37,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "healthy": identity_graph("FP32", width=64),
         "restarted": identity_graph("FP32", width=64),
         "operated": identity_graph("FP32", width=64),
+        "shadowed": identity_graph("FP32", width=64),
         "errs": failing_graph(),
         "slow": slow_identity_graph(),
         "disagrees": scaled_graph(1.5),
@@ -287,3 +288,22 @@ def test_pause_resume_promote_and_abort_do_what_they_say_and_are_logged(gw: Gate
         assert any(who == "alice" and a == action and words in why for who, a, why in logged), (words, logged)
     history = cli(gw, "status", model, "--all")
     assert history.returncode == 0 and "ABORTED" in history.stdout and "COMPLETED" in history.stdout, history.stdout
+
+
+def test_shadow_phase_first_then_a_route_edit_by_someone_else_pauses_the_rollout(gw: GatewayProcess) -> None:
+    ops = Admin(gw)
+    with Load(gw.address, "shadowed") as load:
+        rollout = ops.start("shadowed", interval_s=600.0, shadow_requests=60)
+        assert rollout.where == "shadow phase"
+        assert ops.split("shadowed") == {"1": 10000} and ops.shadows("shadowed") == {"2": 10000}
+        rollout = ops.wait("shadowed", lambda r: r.step == 0)
+        (shadow,) = rollout.history
+        assert (shadow.phase, shadow.outcome) == ("shadow", "passed")
+        assert {g.gate for g in shadow.gates} == {"errors", "p99_latency", "agreement"}
+        assert ops.split("shadowed") == {"1": 9000, "2": 1000}
+        split = [admin.VersionShare(version="1", bps=8000), admin.VersionShare(version="2", bps=2000)]
+        ops.SetSplit(admin.SetSplitRequest(model="shadowed", split=split, reason="by hand"))
+        paused = ops.wait("shadowed", lambda r: r.state != "running")
+    assert paused.state == "paused" and "changed outside the rollout" in paused.outcome and "by hand" in paused.outcome
+    assert ops.split("shadowed") == {"1": 8000, "2": 2000} and not load.failures
+    assert {version for _, version in load.answers} == {"1", "2"}
