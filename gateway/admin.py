@@ -1,9 +1,10 @@
 """The gRPC transport for the operator API (`canary.admin.v1.AdminService`, protos/admin.proto).
 
 Every call authenticates its bearer token and checks the caller's role before doing anything:
-`viewer` reads routes, history, agreement and the request log; `operator` changes traffic;
-`admin` manages tokens. Route edits go through `router.control`, which validates, persists the
-change with who/why/before/after, and swaps the live table atomically.
+`viewer` reads routes, history, agreement, rollouts and the request log; `operator` changes
+traffic and starts, pauses, resumes, aborts or promotes rollouts; `admin` manages tokens. Route
+edits go through `router.control`, which validates, persists the change with who/why/before/after,
+and swaps the live table atomically; rollouts through `router.rollout`, which edits routes the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from gateway.servicer import refusals_answered, reject
 from gateway.shadows import ShadowRunner
 from gateway.stats import Traffic
 from gateway.tls import CertificateCaller
+from router.analysis import GateResult, Thresholds
 from router.control import RouteControl
+from router.rollout import Plan, Rollout, RolloutManager
 from router.rules import DEFAULT_OVERRIDE_ROLES, ROLES, Route, StickyKey, default_route
 from router.store import ChangeEntry
 
@@ -78,6 +81,71 @@ def version_info(version: ModelVersion, in_use: str) -> Any:
 DEFAULT_STATUS_WINDOW_S = 60.0
 
 
+def _gate(result: GateResult) -> Any:
+    return pb.GateResult(gate=result.gate, verdict=result.verdict, summary=result.summary, figures=result.figures)
+
+
+def _thresholds(gates: Any) -> Thresholds:
+    """The request's gates; an unset field keeps its default."""
+    fields = [f.name for f in dataclasses.fields(Thresholds)]
+    return Thresholds(**{name: getattr(gates, name) for name in fields if gates.HasField(name)})
+
+
+def _plan(r: Any) -> Plan:
+    return Plan(
+        model=r.model,
+        candidate=r.candidate,
+        steps=tuple(r.steps_bps),
+        interval_s=r.interval_s,
+        shadow_s=r.shadow_s,
+        shadow_requests=r.shadow_requests,
+        step_shadow_bps=r.step_shadow_bps if r.HasField("step_shadow_bps") else Plan.step_shadow_bps,
+        max_extensions=r.max_extensions if r.HasField("max_extensions") else Plan.max_extensions,
+        thresholds=_thresholds(r.gates),
+    )
+
+
+def _rollout(rollout: Rollout, elapsed_s: float) -> Any:
+    plan = rollout.plan
+    return pb.Rollout(
+        id=rollout.id,
+        model=plan.model,
+        baseline=rollout.baseline,
+        candidate=plan.candidate,
+        state=rollout.state,
+        steps_bps=list(plan.steps),
+        interval_s=plan.interval_s,
+        shadow_s=plan.shadow_s,
+        shadow_requests=plan.shadow_requests,
+        step_shadow_bps=plan.step_shadow_bps,
+        max_extensions=plan.max_extensions,
+        gates_config=pb.RolloutGates(**dataclasses.asdict(plan.thresholds)),
+        step=rollout.step,
+        where=rollout.where,
+        step_started_ns=rollout.step_started_ns,
+        step_elapsed_s=elapsed_s,
+        extensions=rollout.extensions,
+        gates=[_gate(g) for g in rollout.gates],
+        history=[
+            pb.RolloutStep(
+                phase=h.phase,
+                bps=h.bps,
+                started_ns=h.started_ns,
+                ended_ns=h.ended_ns,
+                outcome=h.outcome,
+                extensions=h.extensions,
+                gates=[_gate(g) for g in h.gates],
+            )
+            for h in rollout.history
+        ],
+        started_by=rollout.started_by,
+        reason=rollout.reason,
+        created_ns=rollout.created_ns,
+        updated_ns=rollout.updated_ns,
+        outcome=rollout.outcome,
+    )
+
+
 def _version_drift(version: ModelVersion) -> Any:
     """The version's recent inputs against its training profile, fresh (the alert as last evaluated)."""
     message = pb.VersionDrift(version=version.version, has_profile=version.drift is not None)
@@ -119,12 +187,14 @@ class AdminServicer:
         log_reader: LogReader,
         traffic: Traffic,
         lifecycle: ModelLifecycle,
+        rollouts: RolloutManager,
         certificate_caller: CertificateCaller | None = None,
         refusals: dict[tuple[str, str], int] | None = None,
     ) -> None:
         self._repository = repository
         self._lifecycle = lifecycle
         self._refusals = refusals if refusals is not None else {}  # (model, limit) -> refused requests
+        self._rollouts = rollouts
         self._traffic = traffic
         self._routes = routes
         self._tokens = tokens
@@ -412,6 +482,58 @@ class AdminServicer:
             "rollback",
             lambda who: self._routes.rollback(r.model, who=who.name, why=r.reason),
         )
+
+    # --- rollouts: viewer reads, operator acts ---------------------------------------------------------
+
+    @refusals_answered(pb.RolloutResponse)
+    async def GetRollout(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._caller(context, "viewer", "GetRollout")
+        self._known(request.model, required=True)
+        return self._rollout_response(self._rollouts.get(request.model))
+
+    @refusals_answered(pb.ListRolloutsResponse)
+    async def ListRollouts(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._caller(context, "viewer", "ListRollouts")
+        self._known(request.model)
+        rollouts = self._rollouts.rollouts(request.model or None)
+        chosen = rollouts[: request.limit] if request.limit else rollouts
+        return pb.ListRolloutsResponse(rollouts=[_rollout(r, self._rollouts.elapsed_s(r)) for r in chosen])
+
+    def _rollout_response(self, rollout: Rollout) -> Any:
+        return pb.RolloutResponse(rollout=_rollout(rollout, self._rollouts.elapsed_s(rollout)))
+
+    def _rollout_action(self, context: grpc.aio.ServicerContext, request: Any, action: str) -> Identity:
+        identity = self._caller(context, "operator", f"{action} the rollout of {request.model!r}")
+        self._known(request.model, required=True)
+        if not request.reason.strip():
+            raise InvalidArgument(f"reason: required; say why you {action} the rollout")
+        return identity
+
+    @refusals_answered(pb.RolloutResponse)
+    async def StartRollout(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        identity = self._rollout_action(context, request, "start")
+        rollout = self._rollouts.start(_plan(request), who=identity.name, why=request.reason)
+        return self._rollout_response(rollout)
+
+    @refusals_answered(pb.RolloutResponse)
+    async def PauseRollout(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        identity = self._rollout_action(context, request, "pause")
+        return self._rollout_response(self._rollouts.pause(request.model, who=identity.name, why=request.reason))
+
+    @refusals_answered(pb.RolloutResponse)
+    async def ResumeRollout(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        identity = self._rollout_action(context, request, "resume")
+        return self._rollout_response(self._rollouts.resume(request.model, who=identity.name, why=request.reason))
+
+    @refusals_answered(pb.RolloutResponse)
+    async def AbortRollout(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        identity = self._rollout_action(context, request, "abort")
+        return self._rollout_response(self._rollouts.abort(request.model, who=identity.name, why=request.reason))
+
+    @refusals_answered(pb.RolloutResponse)
+    async def PromoteRollout(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        identity = self._rollout_action(context, request, "promote")
+        return self._rollout_response(self._rollouts.promote(request.model, who=identity.name, why=request.reason))
 
     # --- admin ------------------------------------------------------------------------------------
 

@@ -586,8 +586,8 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def add_parsers(commands: argparse._SubParsersAction) -> None:
-    """Register `routes`, `tokens`, `whoami`, `status`, `drift` and `models` under the `canary-gateway` command."""
+def parent_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The options every admin command takes, and those plus `--reason` for commands that change traffic."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--address", default=DEFAULT_ADDRESS, help=f"the gateway's HOST:PORT (default {DEFAULT_ADDRESS})"
@@ -602,6 +602,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     common.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the gateway (default 10)")
     change = argparse.ArgumentParser(add_help=False, parents=[common])
     change.add_argument("--reason", required=True, help="why you make this change (kept in the change log)")
+    return common, change
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    """Register `routes`, `tokens`, `whoami`, `status`, `drift` and `models` under the `canary-gateway` command."""
+    common, change = parent_parsers()
 
     def leaf(
         group: argparse._SubParsersAction, name: str, handler: Command, summary: str, changes: bool = False

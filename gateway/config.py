@@ -200,6 +200,10 @@ class GatewayConfig:
     def routes_dir(self) -> Path:
         return Path(self.server.state_dir) / "routes"
 
+    @property
+    def rollouts_dir(self) -> Path:
+        return Path(self.server.state_dir) / "rollouts"
+
 
 def _check_value(path: str, value: Any, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)

@@ -33,6 +33,7 @@ from gateway.stats import Traffic
 from gateway.telemetry import Observe, RequestMetrics
 from gateway.tls import CertificateCaller, CertificateFiles, is_loopback
 from router.control import RouteControl
+from router.rollout import RolloutManager, RolloutStore
 from router.store import RouteStore
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 INFERENCE_SERVICE = protocol.inference.GRPCInferenceService.full_name
 ADMIN_SERVICE = protocol.admin.AdminService.full_name
 WATCH_INTERVAL_S = 1.0
+ROLLOUT_TICK_S = 0.2  # how often rollouts are judged: a bad candidate is rolled back within this of the evidence
 
 
 class Gateway:
@@ -56,6 +58,9 @@ class Gateway:
         self.traffic = Traffic()
         self.shadows = ShadowRunner(
             self.repository, self.request_log, config.shadows.max_concurrency, self.traffic, self.telemetry
+        )
+        self.rollouts = RolloutManager(
+            RolloutStore(config.rollouts_dir), self.routes, self.traffic.counts, self._shadow_counts
         )
         auth = config.auth
         self.service = InferenceService(
@@ -98,6 +103,7 @@ class Gateway:
             self.log_reader,
             self.traffic,
             self.lifecycle,
+            self.rollouts,
             certificate_caller,
             self.service.refusals,
         )
@@ -117,6 +123,10 @@ class Gateway:
             reflection.enable_server_reflection(
                 [ADMIN_SERVICE, reflection.SERVICE_NAME], self.admin_server, pool=protocol.POOL
             )
+
+    def _shadow_counts(self, model: str, primary: str, shadow: str) -> tuple[int, int, int]:
+        stat = self.shadows.agreement.get((model, primary, shadow))
+        return (0, 0, 0) if stat is None else (stat.compared, stat.agreed, stat.failed)
 
     def _observe(self, metrics: RequestMetrics) -> None:
         """Metrics read at export time from figures the gateway keeps anyway."""
@@ -258,6 +268,15 @@ class Gateway:
                 else:
                     log.info("drift alert cleared: model %s version %s", version.name, version.version)
 
+    async def _drive_rollouts(self) -> None:
+        """Judge running rollouts: step, promote or roll back (router.rollout decides, this only ticks)."""
+        while True:
+            await asyncio.sleep(ROLLOUT_TICK_S)
+            try:
+                self.rollouts.tick()
+            except Exception:
+                log.exception("rollout tick failed; trying again at the next tick")
+
     async def run(self, stop: asyncio.Event) -> None:
         await self._set_serving(False)
         await self.server.start()
@@ -282,6 +301,7 @@ class Gateway:
             asyncio.create_task(self._watch_changes()),
             asyncio.create_task(self._watch_drift()),
             asyncio.create_task(self._watch_repository()),
+            asyncio.create_task(self._drive_rollouts()),
         ]
         await stopping
         for task in watching:
@@ -296,6 +316,7 @@ class Gateway:
         await self.shadows.drain()
         if self.request_log is not None:
             await self.request_log.close()
+        self.rollouts.close()
         self.routes.close()
         self.repository.close()
         if self.telemetry is not None:

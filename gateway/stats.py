@@ -1,9 +1,70 @@
-"""Per-version counters that back the ModelStatistics RPC (Triton's statistics extension)."""
+"""Per-version counters: ModelStatistics (Triton's statistics extension), the recent-traffic ring behind
+`canary-gateway status`, and the cumulative counts a rollout diffs over a step's window."""
 
 from __future__ import annotations
 
 import time
 from typing import NamedTuple
+
+LATENCY_SUB_BUCKETS = 8
+"""Latency histogram resolution: 8 buckets per power of two, so a bucket is at most 12.5% wide."""
+LATENCY_BUCKETS = 16 + 60 * LATENCY_SUB_BUCKETS  # exact below 16 ns; up to 2**64 ns
+
+
+def latency_bucket(ns: int) -> int:
+    """The histogram bucket of a latency: a few integer operations, cheap enough for every request."""
+    if ns < 16:
+        return max(ns, 0)
+    shift = ns.bit_length() - 4  # keep the top 4 bits: 8..15
+    return 16 + (shift - 1) * LATENCY_SUB_BUCKETS + (ns >> shift) - 8
+
+
+def bucket_upper_ns(bucket: int) -> int:
+    """The largest latency that falls into `bucket` (quantiles are read as this bound)."""
+    if bucket < 16:
+        return bucket
+    shift, top = divmod(bucket - 16, LATENCY_SUB_BUCKETS)
+    return ((top + 9) << (shift + 1)) - 1
+
+
+class Counts(NamedTuple):
+    """Cumulative figures of one (model, version, role) since the gateway started; `since` makes a window."""
+
+    requests: int = 0
+    errors: int = 0
+    ood_scored: int = 0
+    ood_flagged: int = 0
+    latency: tuple[int, ...] = ()  # answered (OK) requests per latency_bucket: failures have their own gate
+
+    def since(self, earlier: Counts) -> Counts:
+        """The figures of the requests counted after `earlier` was taken."""
+        old = earlier.latency or (0,) * len(self.latency)
+        return Counts(
+            self.requests - earlier.requests,
+            self.errors - earlier.errors,
+            self.ood_scored - earlier.ood_scored,
+            self.ood_flagged - earlier.ood_flagged,
+            tuple(a - b for a, b in zip(self.latency, old, strict=True)) if self.latency else (),
+        )
+
+    def answered_slower_than_ms(self, limit_ms: float) -> int:
+        """Answers surely slower than `limit_ms`: those in buckets that start above it."""
+        limit_ns = limit_ms * 1e6
+        latency = self.latency
+        return sum(count for b, count in enumerate(latency) if b and bucket_upper_ns(b - 1) >= limit_ns)
+
+    def latency_quantile_ms(self, q: float) -> float:
+        """The q-quantile of latency in ms, read as its bucket's upper bound (0.0 without requests)."""
+        total = sum(self.latency)
+        if not total:
+            return 0.0
+        rank = max(1, -(-int(q * total * 1_000_000) // 1_000_000))  # ceil(q * total), without float drift
+        seen = 0
+        for bucket, count in enumerate(self.latency):
+            seen += count
+            if seen >= rank:
+                return bucket_upper_ns(bucket) / 1e6
+        return bucket_upper_ns(len(self.latency) - 1) / 1e6
 
 
 class Duration:
@@ -59,10 +120,23 @@ class VersionStats:
 class RecentRequests:
     """The last `size` requests of one (model, version, role): what `canary-gateway status` summarises.
 
-    A ring of plain lists (a few index stores per request, no allocation) read only when an operator asks.
+    A ring of plain lists (a few index stores per request, no allocation) read only when an operator asks,
+    and cumulative counters (a few integer updates) that a rollout reads at a step's start and end.
     """
 
-    __slots__ = ("_ended_ns", "_latency_ns", "_ok", "_ood", "_next", "_size", "_first_ns")
+    __slots__ = (
+        "_ended_ns",
+        "_latency_ns",
+        "_ok",
+        "_ood",
+        "_next",
+        "_size",
+        "_first_ns",
+        "_errors",
+        "_ood_scored",
+        "_ood_flagged",
+        "_latency_hist",
+    )
 
     def __init__(self, size: int = 4096) -> None:
         self._size = size
@@ -70,8 +144,12 @@ class RecentRequests:
         self._latency_ns = [0] * size
         self._ok = [False] * size
         self._ood: list[bool | None] = [None] * size  # None: not scored
-        self._next = 0
+        self._next = 0  # also the cumulative request count
         self._first_ns = 0
+        self._errors = 0
+        self._ood_scored = 0
+        self._ood_flagged = 0
+        self._latency_hist = [0] * LATENCY_BUCKETS
 
     def add(self, ended_ns: int, latency_ns: int, ok: bool, ood: bool | None) -> None:
         i = self._next % self._size
@@ -82,6 +160,17 @@ class RecentRequests:
         self._ok[i] = ok
         self._ood[i] = ood
         self._next += 1
+        if ok:
+            self._latency_hist[latency_bucket(latency_ns)] += 1
+        else:
+            self._errors += 1
+        if ood is not None:
+            self._ood_scored += 1
+            self._ood_flagged += ood
+
+    def counts(self) -> Counts:
+        """The cumulative counters, copied (read on the event loop, so consistent)."""
+        return Counts(self._next, self._errors, self._ood_scored, self._ood_flagged, tuple(self._latency_hist))
 
     def summary(self, now_ns: int, window_s: float) -> TrafficSummary:
         since = now_ns - int(window_s * 1e9)
@@ -128,3 +217,8 @@ class Traffic:
         if recent is None:
             recent = self.recent[key] = RecentRequests()
         recent.add(time.time_ns(), latency_ns, ok, ood)
+
+    def counts(self, model: str, version: str, role: str) -> Counts:
+        """Cumulative figures of (model, version, role); zeros before its first request."""
+        recent = self.recent.get((model, version, role))
+        return Counts() if recent is None else recent.counts()

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 
-from router.rules import Route
+from gateway.errors import FailedPrecondition
+from router.rules import Route, default_route, highest
 from router.store import Action, Change, ChangeEntry, ModelAction, RouteStore
 from router.table import RouteTable
 
@@ -56,11 +57,27 @@ class RouteControl:
         self.table = self._load()
         return entry
 
+    def note(self, model: str, *, who: str, why: str) -> ChangeEntry:
+        """A change-log entry that leaves the route as it is (a rollout paused, resumed, started)."""
+        entry = self._store.note(model, who=who, why=why)
+        self.table = self._load()
+        return entry
+
     def history(self, model: str | None, since_ns: int | None, until_ns: int | None) -> list[ChangeEntry]:
         return self._store.history(model, since_ns, until_ns)
 
     def route(self, model: str) -> Route | None:
         return self.table.route(model)
+
+    def effective_route(self, model: str) -> Route:
+        """The model's route, or for a model without one the default (its highest ready version)."""
+        route = self.table.route(model)
+        if route is not None:
+            return route
+        available = self._ready().get(model)
+        if not available:
+            raise FailedPrecondition(f"model: {model!r} has no ready versions")
+        return default_route(highest(available))
 
     def close(self) -> None:
         self._store.close()

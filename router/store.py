@@ -11,7 +11,8 @@ Layout (named databases; integers are 8-byte big-endian so keys sort numerically
 `meta`: format, version. `routes`: model → route (msgpack). `log`: seq → entry (msgpack).
 `log_by_model`: model NUL seq → empty, to find a model's changes without scanning the whole log.
 
-Rollback returns a model to the route before its last change, and is itself a change: rolling back twice
+Rollback returns a model to the route before its last change (notes, entries of action `rollout` that
+changed nothing, are skipped), and is itself a change: rolling back twice
 returns to where the first rollback started, like `cd -`. A route of None means "no route" (the model
 serves its highest version).
 """
@@ -33,12 +34,14 @@ from gateway.errors import ConfigError, FailedPrecondition, InvalidArgument
 from router import rules
 from router.rules import Route
 
-RouteAction = Literal["split", "sticky", "shadow", "pin", "override", "promote", "rollback"]
+RouteAction = Literal["split", "sticky", "shadow", "pin", "override", "promote", "rollback", "rollout"]
+"""`rollout`: a progressive rollout's decision that leaves the route as it is (started, paused, resumed)."""
 ModelAction = Literal["load", "unload", "replace"]  # model versions coming and going: logged, route unchanged
 Action = RouteAction | ModelAction
 ROUTE_ACTIONS: tuple[RouteAction, ...] = get_args(RouteAction)
 MODEL_ACTIONS: tuple[ModelAction, ...] = get_args(ModelAction)
 ACTIONS: tuple[Action, ...] = ROUTE_ACTIONS + MODEL_ACTIONS
+NOTES: tuple[Action, ...] = ("rollout", *MODEL_ACTIONS)  # logged, but changed no route: rollback skips them
 
 Change = Route | None | Callable[[Route], Route | None]
 """A new route (None removes the route), or a function of the current one."""
@@ -190,7 +193,12 @@ class RouteStore:
         """Log a model action (a version loaded, unloaded, replaced) in the change log; the route stays."""
         if action not in MODEL_ACTIONS:
             raise InvalidArgument(f"action: {action!r} is not one of {', '.join(MODEL_ACTIONS)}")
-        return self._write(model, who, why, action, {}, lambda _txn, current: current, details=details)
+        return self._write(model, who, why, action, {}, lambda _txn, current: current, details=details, unchanged=True)
+
+    def note(self, model: str, *, who: str, why: str) -> ChangeEntry:
+        """Log a rollout action that leaves the route unchanged (before == after), so the change log holds
+        every decision about a model's traffic, not only the edits."""
+        return self._write(model, who, why, "rollout", {}, lambda _txn, current: current, unchanged=True)
 
     def previous_route(self, model: str) -> Route | None:
         """The route before `model`'s last change (None: it had none); FailedPrecondition without history."""
@@ -217,6 +225,7 @@ class RouteStore:
         ready: Mapping[str, AbstractSet[str]],
         target: Callable[[lmdb.Transaction, Route | None], Route | None],
         details: Mapping[str, str] | None = None,
+        unchanged: bool = False,
     ) -> ChangeEntry:
         if not isinstance(model, str) or not model:
             raise InvalidArgument(f"model: {model!r} must be a model name")
@@ -230,11 +239,11 @@ class RouteStore:
         with self._env.begin(write=True) as txn:  # an exception aborts: nothing is written
             current = _route_of(self._unpack(txn.get(key, db=self._routes)))
             after = target(txn, current)
-            if after == current and details is None:
+            if after == current and not unchanged:
                 # Idempotent, like applying a declarative config twice: nothing is written, so the
                 # table version stays and the next rollback still undoes the last real change.
                 return ChangeEntry(self._version(txn), time.time_ns(), who, why.strip(), action, model, current, after)
-            if after is not None and details is None:
+            if after is not None and after != current:
                 rules.validate(model, after, ready)
             seq = self._version(txn) + 1
             entry = ChangeEntry(seq, time.time_ns(), who, why.strip(), action, model, current, after, details)
@@ -259,8 +268,9 @@ class RouteStore:
         # The model's last entry is the greatest key below prefix + 0xff...: step back from where that would go.
         found = cursor.prev() if cursor.set_range(prefix + b"\xff" * 8) else cursor.last()
         while found and bytes(cursor.key()).startswith(prefix):
-            entry = ChangeEntry.from_dict(msgpack.unpackb(txn.get(bytes(cursor.key())[len(prefix) :], db=self._log)))
-            if entry.action not in MODEL_ACTIONS:  # loads and unloads are logged but are not route changes
+            key = bytes(cursor.key())
+            entry = ChangeEntry.from_dict(msgpack.unpackb(txn.get(key[len(prefix) :], db=self._log)))
+            if entry.action not in NOTES:  # notes (rollout decisions, model loads) changed no route
                 return entry.before
             found = cursor.prev()
         raise FailedPrecondition(f"model: {model!r} has no route change to roll back")

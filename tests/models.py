@@ -187,3 +187,32 @@ def build_identity_repository(repo: Path) -> Path:
     """One FP32 identity model (`x` → `y`, [N, 4]): a gateway that starts fast, for transport tests."""
     save_model(repo, "identity_fp32", "1", identity_graph("FP32"))
     return repo
+
+
+def slow_identity_graph(width: int = 64, hidden: int = 2048) -> onnx.GraphProto:
+    """Answers exactly what an FP32 identity of `width` answers, after `heavy_graph`'s milliseconds of
+    compute (its result is multiplied by zero and added): a slow candidate that agrees and never fails."""
+    heavy = heavy_graph(width, hidden)
+    zero = numpy_helper.from_array(np.zeros(width, dtype=np.float32), "zero")
+    nodes = [*heavy.node]
+    nodes[-1].output[0] = "heavy"
+    nodes += [helper.make_node("Mul", ["heavy", "zero"], ["nothing"]), helper.make_node("Add", ["x", "nothing"], ["y"])]
+    return helper.make_graph(
+        nodes,
+        "slow_identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        [*heavy.initializer, zero],
+    )
+
+
+def scaled_graph(factor: float, width: int = 64) -> onnx.GraphProto:
+    """y = factor * x: the FP32 identity's signature with different weights (disagrees on every row)."""
+    scale = numpy_helper.from_array(np.array(factor, dtype=np.float32), "scale")
+    return helper.make_graph(
+        [helper.make_node("Mul", ["x", "scale"], ["y"])],
+        "scaled",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        [scale],
+    )

@@ -1,0 +1,551 @@
+"""Progressive delivery: a rollout walks a candidate version through traffic steps, judged at each step
+against the baseline (router.analysis), and promotes it or rolls it back by itself.
+
+A plan: optionally a shadow phase first (the candidate mirrors all of the model's traffic, no user sees
+its answers) for a time or a number of requests, then steps (e.g. 1, 5, 25, 50, 100 %): each sets the
+split baseline 100-p / candidate p, keeping the model's sticky key and other rules. During steps the
+candidate keeps shadowing the baseline's share (`step_shadow_bps`), so the agreement gate is judged at
+every step on the same inputs, not only in the shadow phase. A step ends after its interval: all gates
+pass → next step, and reaching 100% promotes the candidate; a gate fails → the baseline route is restored
+(split 100% baseline, the candidate's shadow removed) and the rollout is failed with the figures; too
+little data → the step is extended, at most `max_extensions` times, then the rollout fails (a candidate
+nobody could judge does not keep its traffic). Between ends, interim looks roll back early on a failure
+(see router.analysis for the stricter confidence they use).
+
+Every automatic route change goes through RouteControl with identity `rollout` and a reason carrying
+the figures and gates, so the change log audits it like a human edit; operator actions (start, pause,
+resume, abort, force-promote) are logged under the operator's identity. A rollout that changes nothing
+(pause, resume without a route change) is logged as a note (action `rollout`).
+
+State is persisted in its own LMDB environment (`<state_dir>/rollouts/`) at every transition. The
+counters a window is measured with live in the process, so after a restart a running rollout resumes
+at its step with a fresh window (the step's interval starts again). If someone else edits the model's
+route during a rollout, the rollout pauses itself rather than fight the edit.
+
+The clock is injected (`now`, seconds) and `tick()` is called periodically by the server; nothing here
+sleeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lmdb
+import msgpack
+
+from gateway.errors import FailedPrecondition, GatewayError, InvalidArgument, NotFound
+from gateway.stats import Counts
+from router.analysis import (
+    Agreement,
+    GateName,
+    GateResult,
+    Thresholds,
+    Verdict,
+    evaluate,
+    explain,
+    overall,
+)
+from router.bucketing import BUCKETS
+from router.control import RouteControl
+from router.rules import Route, format_percent
+from router.store import Action
+
+log = logging.getLogger(__name__)
+
+State = Literal["running", "paused", "completed", "failed", "aborted"]
+ACTIVE: tuple[State, ...] = ("running", "paused")
+AUTOMATIC = "rollout"
+"""The identity automatic decisions are logged under."""
+
+Measure = Callable[[str, str, str], Counts]
+"""(model, version, role) → that version's cumulative counters (gateway.stats.Traffic.counts)."""
+Compare = Callable[[str, str, str], tuple[int, int, int]]
+"""(model, primary version, shadow version) → cumulative shadow (compared, agreed, failed)."""
+
+_STEP_GATES: tuple[GateName, ...] = ("errors", "p99_latency", "ood", "agreement")
+_SHADOW_GATES: tuple[GateName, ...] = ("errors", "p99_latency", "agreement")  # shadow calls are not OOD-scored
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an operator asks for; validated when built (InvalidArgument names the field)."""
+
+    model: str
+    candidate: str
+    steps: tuple[int, ...]  # bps of traffic to the candidate, increasing, ending at 10000 (promotion)
+    interval_s: float
+    shadow_s: float = 0.0  # a shadow phase of this long first (0: none, unless shadow_requests)
+    shadow_requests: int = 0  # ...or until the candidate has shadowed this many requests
+    step_shadow_bps: int = BUCKETS  # share of traffic the candidate shadows during steps (agreement gate)
+    max_extensions: int = 2
+    thresholds: Thresholds = Thresholds()
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise InvalidArgument("model: required")
+        if not self.candidate:
+            raise InvalidArgument("candidate: required; the version to roll out")
+        steps = tuple(self.steps)
+        if not steps:
+            raise InvalidArgument("steps: empty; give percentages such as 1,5,25,50,100")
+        if any(not 0 < s <= BUCKETS for s in steps) or list(steps) != sorted(set(steps)):
+            shown = ",".join(format_percent(s) for s in steps)
+            raise InvalidArgument(f"steps: {shown} must be increasing percentages in (0, 100]")
+        if steps[-1] != BUCKETS:
+            raise InvalidArgument(f"steps: the last step is {format_percent(steps[-1])}%; it must be 100 (promotion)")
+        if not self.interval_s > 0:
+            raise InvalidArgument(f"interval_s: {self.interval_s!r}; a step must last more than 0 s")
+        if self.shadow_s < 0 or self.shadow_requests < 0:
+            raise InvalidArgument("shadow: the shadow phase's duration and request count cannot be negative")
+        if self.shadow_s and self.shadow_requests:
+            raise InvalidArgument("shadow: give a shadow phase's duration or its request count, not both")
+        if not 0 <= self.step_shadow_bps <= BUCKETS:
+            raise InvalidArgument(f"step_shadow_bps: {self.step_shadow_bps!r} must be in [0, {BUCKETS}]")
+        if self.max_extensions < 0:
+            raise InvalidArgument(f"max_extensions: {self.max_extensions!r} is negative")
+        object.__setattr__(self, "steps", steps)
+
+    @property
+    def has_shadow_phase(self) -> bool:
+        return bool(self.shadow_s or self.shadow_requests)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["steps"] = list(self.steps)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        return cls(**{**data, "steps": tuple(data["steps"]), "thresholds": Thresholds(**data["thresholds"])})
+
+
+def _gate_dict(result: GateResult) -> dict[str, Any]:
+    return dataclasses.asdict(result)
+
+
+def _gate_of(data: Mapping[str, Any]) -> GateResult:
+    return GateResult(data["gate"], data["verdict"], data["summary"], dict(data["figures"]))
+
+
+@dataclass
+class StepRecord:
+    """How one phase of a rollout ended, with the gates as last evaluated."""
+
+    phase: Literal["shadow", "step"]
+    bps: int
+    started_ns: int
+    ended_ns: int
+    outcome: str  # passed | failed | paused | aborted | promoted
+    extensions: int
+    gates: list[GateResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "gates": [_gate_dict(g) for g in self.gates]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StepRecord:
+        return cls(**{**data, "gates": [_gate_of(g) for g in data["gates"]]})
+
+
+@dataclass
+class Rollout:
+    """One rollout's persisted state. `step` -1 is the shadow phase; otherwise an index into plan.steps."""
+
+    id: int
+    plan: Plan
+    baseline: str
+    started_by: str
+    reason: str
+    created_ns: int
+    restore: dict[str, Any]  # the baseline route (Route.to_dict) a rollback restores
+    state: State = "running"
+    step: int = 0
+    step_started_ns: int = 0
+    extensions: int = 0
+    gates: list[GateResult] = field(default_factory=list)  # the current window's latest look
+    history: list[StepRecord] = field(default_factory=list)
+    outcome: str = ""
+    updated_ns: int = 0
+    expected: dict[str, Any] | None = None  # the route this rollout last set
+
+    @property
+    def phase(self) -> Literal["shadow", "step"]:
+        return "shadow" if self.step < 0 else "step"
+
+    @property
+    def bps(self) -> int:
+        """The candidate's share of user traffic now (0 in the shadow phase)."""
+        return 0 if self.step < 0 else self.plan.steps[self.step]
+
+    @property
+    def where(self) -> str:
+        """The current phase in words: "shadow phase" or "step 2/4 (5%)"."""
+        if self.step < 0:
+            return "shadow phase"
+        return f"step {self.step + 1}/{len(self.plan.steps)} ({format_percent(self.bps)}%)"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["plan"] = self.plan.to_dict()
+        data["gates"] = [_gate_dict(g) for g in self.gates]
+        data["history"] = [h.to_dict() for h in self.history]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Rollout:
+        return cls(
+            **{
+                **data,
+                "plan": Plan.from_dict(data["plan"]),
+                "gates": [_gate_of(g) for g in data["gates"]],
+                "history": [StepRecord.from_dict(h) for h in data["history"]],
+            }
+        )
+
+
+class RolloutStore:
+    """Rollouts by id in the LMDB environment at `path` (8-byte big-endian id → msgpack)."""
+
+    def __init__(self, path: str | Path, map_size: int = 1 << 28) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self._env = lmdb.open(str(path), map_size=map_size, max_dbs=1)
+        self._db = self._env.open_db(b"rollouts")
+
+    def save(self, rollout: Rollout) -> None:
+        with self._env.begin(write=True) as txn:
+            txn.put(rollout.id.to_bytes(8, "big"), msgpack.packb(rollout.to_dict()), db=self._db)
+
+    def load(self) -> list[Rollout]:
+        with self._env.begin() as txn:
+            return [Rollout.from_dict(msgpack.unpackb(value)) for _, value in txn.cursor(db=self._db)]
+
+    def close(self) -> None:
+        self._env.close()
+
+
+@dataclass(frozen=True)
+class _Window:
+    """Counters at the start of the current step; the window is now minus these."""
+
+    baseline: Counts
+    candidate: Counts
+    agreement: tuple[int, int, int]
+    started_s: float
+
+
+class RolloutManager:
+    """Runs every rollout of the gateway; called on the event loop only (admin RPCs and `tick`)."""
+
+    def __init__(
+        self,
+        store: RolloutStore,
+        routes: RouteControl,
+        measure: Measure,
+        compare: Compare,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._routes = routes
+        self._measure = measure
+        self._compare = compare
+        self._now = now
+        self._rollouts = {r.id: r for r in store.load()}
+        self._windows: dict[int, _Window] = {}
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def rollouts(self, model: str | None = None) -> list[Rollout]:
+        """Rollouts, newest first, optionally of one model."""
+        chosen = [r for r in self._rollouts.values() if model is None or r.plan.model == model]
+        return sorted(chosen, key=lambda r: -r.id)
+
+    def get(self, model: str) -> Rollout:
+        """The model's active rollout, else its latest; NotFound when it never had one."""
+        rollouts = self.rollouts(model)
+        active = [r for r in rollouts if r.state in ACTIVE]
+        if active:
+            return active[0]
+        if rollouts:
+            return rollouts[0]
+        raise NotFound(f"model: {model!r} has no rollout")
+
+    def elapsed_s(self, rollout: Rollout) -> float:
+        """How long the current window has run (0 when none is open)."""
+        window = self._windows.get(rollout.id)
+        return 0.0 if window is None else self._now() - window.started_s
+
+    def _active(self, model: str) -> Rollout:
+        rollout = self.get(model)
+        if rollout.state not in ACTIVE:
+            raise FailedPrecondition(f"model: {model!r} has no active rollout (rollout #{rollout.id} {rollout.state})")
+        return rollout
+
+    # --- operator actions ------------------------------------------------------------------------
+
+    def start(self, plan: Plan, *, who: str, why: str) -> Rollout:
+        """Begin a rollout from the model's current route, which must send all traffic to one version."""
+        if not why.strip():
+            raise InvalidArgument("reason: required; say why you roll this version out")
+        for other in self.rollouts(plan.model):
+            if other.state in ACTIVE:
+                raise FailedPrecondition(
+                    f"model: {plan.model!r} already has rollout #{other.id} ({other.state}); abort it first"
+                )
+        route = self._routes.effective_route(plan.model)
+        if len(route.split) != 1:
+            shares = " ".join(f"{v}={format_percent(b)}%" for v, b in route.split)
+            raise FailedPrecondition(
+                f"model: {plan.model!r} splits its traffic ({shares}); a rollout starts from one version taking all"
+            )
+        baseline = route.split[0][0]
+        if plan.candidate == baseline:
+            raise InvalidArgument(f"candidate: version {baseline!r} already takes all of {plan.model!r}'s traffic")
+        restore = dataclasses.replace(route, shadows=tuple(s for s in route.shadows if s[0] != plan.candidate))
+        now_ns = self._now_ns()
+        rollout = Rollout(
+            id=max(self._rollouts, default=0) + 1,
+            plan=plan,
+            baseline=baseline,
+            started_by=who,
+            reason=why.strip(),
+            created_ns=now_ns,
+            restore=restore.to_dict(),
+            step=-1 if plan.has_shadow_phase else 0,
+            updated_ns=now_ns,
+        )
+        first = f"{rollout.where} with v{plan.candidate}" if plan.has_shadow_phase else self._step_words(rollout)
+        self._set_route(rollout, who, f"rollout #{rollout.id} of v{plan.candidate} started: {why.strip()}; {first}")
+        self._rollouts[rollout.id] = rollout
+        self._open_window(rollout)
+        log.info("rollout #%d: %s v%s → v%s started by %s", rollout.id, plan.model, baseline, plan.candidate, who)
+        return rollout
+
+    def pause(self, model: str, *, who: str, why: str) -> Rollout:
+        """Stop judging and stepping; traffic stays as it is."""
+        rollout = self._active(model)
+        if rollout.state == "paused":
+            raise FailedPrecondition(f"model: rollout #{rollout.id} of {model!r} is already paused")
+        self._pause(rollout, who, why)
+        return rollout
+
+    def resume(self, model: str, *, who: str, why: str) -> Rollout:
+        """Continue a paused rollout at its step, with a fresh window (and the step's route restored)."""
+        rollout = self._active(model)
+        if rollout.state != "paused":
+            raise FailedPrecondition(f"model: rollout #{rollout.id} of {model!r} is {rollout.state}, not paused")
+        rollout.state, rollout.outcome = "running", ""
+        self._set_route(rollout, who, f"rollout #{rollout.id} resumed at {rollout.where}: {why}")
+        self._open_window(rollout)
+        return rollout
+
+    def abort(self, model: str, *, who: str, why: str) -> Rollout:
+        """Restore the baseline route and end the rollout."""
+        rollout = self._active(model)
+        self._end_step(rollout, "aborted")
+        self._routes.change(
+            model,
+            Route.from_dict(rollout.restore),
+            who=who,
+            why=f"rollout #{rollout.id} aborted at {rollout.where}: {why}; traffic back to v{rollout.baseline}",
+            action="rollback",
+        )
+        self._finish(rollout, "aborted", f"aborted by {who} at {rollout.where}: {why}")
+        return rollout
+
+    def promote(self, model: str, *, who: str, why: str) -> Rollout:
+        """Give the candidate all traffic now, whatever the gates say."""
+        rollout = self._active(model)
+        self._end_step(rollout, "promoted")
+        candidate = rollout.plan.candidate
+        self._routes.promote(
+            model, candidate, who=who, why=f"rollout #{rollout.id} force-promoted at {rollout.where}: {why}"
+        )
+        self._finish(rollout, "completed", f"force-promoted by {who} at {rollout.where}: {why}")
+        return rollout
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Judge every running rollout's window; step, promote or roll back where it is time."""
+        for rollout in list(self._rollouts.values()):
+            if rollout.state != "running":
+                continue
+            try:
+                self._drive(rollout)
+            except GatewayError as error:  # e.g. a version became unavailable: stop, let a human look
+                log.warning("rollout #%d: %s; pausing it", rollout.id, error.message)
+                self._pause(rollout, AUTOMATIC, f"cannot continue: {error.message}")
+
+    def _drive(self, rollout: Rollout) -> None:
+        window = self._windows.get(rollout.id)
+        if window is None:  # the gateway restarted: the step's window starts again
+            log.info("rollout #%d: resuming %s with a new window", rollout.id, rollout.where)
+            self._open_window(rollout)
+            return
+        current = self._routes.route(rollout.plan.model)
+        if current is None or current.to_dict() != rollout.expected:
+            last = self._routes.history(rollout.plan.model, None, None)[-1]
+            self._pause(
+                rollout,
+                AUTOMATIC,
+                f"the route was changed outside the rollout (change {last.seq} by {last.who}: {last.why})",
+            )
+            return
+        rollout.gates = self._evaluate(rollout, window, final=False)
+        if overall(rollout.gates) == "fail":
+            self._fail(rollout, "fail", "")
+            return
+        if not self._due(rollout, window):
+            return
+        rollout.gates = self._evaluate(rollout, window, final=True)
+        verdict = overall(rollout.gates)
+        if verdict == "fail":
+            self._fail(rollout, "fail", "")
+        elif verdict == "wait" and rollout.extensions < rollout.plan.max_extensions:
+            rollout.extensions += 1
+            log.info("rollout #%d: %s extended: %s", rollout.id, rollout.where, explain(rollout.gates))
+            self._save(rollout)
+        elif verdict == "wait":
+            self._fail(rollout, "wait", f"too little data after {rollout.extensions} extensions: ")
+        else:
+            self._advance(rollout)
+
+    def _due(self, rollout: Rollout, window: _Window) -> bool:
+        periods = 1 + rollout.extensions
+        plan = rollout.plan
+        if rollout.step < 0 and plan.shadow_requests:
+            compared, _, failed = self._compare(plan.model, rollout.baseline, plan.candidate)
+            done = compared + failed - window.agreement[0] - window.agreement[2]
+            return done >= plan.shadow_requests * periods
+        length = plan.shadow_s if rollout.step < 0 else plan.interval_s
+        return self._now() - window.started_s >= length * periods
+
+    def _evaluate(self, rollout: Rollout, window: _Window, *, final: bool) -> list[GateResult]:
+        plan = rollout.plan
+        role = "shadow" if rollout.step < 0 else "primary"
+        candidate = self._measure(plan.model, plan.candidate, role).since(window.candidate)
+        baseline = self._measure(plan.model, rollout.baseline, "primary").since(window.baseline)
+        compared, agreed, _ = self._compare(plan.model, rollout.baseline, plan.candidate)
+        agreement = None
+        if rollout.step < 0 or plan.step_shadow_bps:
+            agreement = Agreement(compared - window.agreement[0], agreed - window.agreement[1])
+        gates = _SHADOW_GATES if rollout.step < 0 else _STEP_GATES
+        return evaluate(candidate, baseline, agreement, plan.thresholds, final=final, gates=gates)
+
+    def _advance(self, rollout: Rollout) -> None:
+        passed = explain(rollout.gates)
+        done = rollout.where
+        self._end_step(rollout, "passed")
+        rollout.step += 1
+        plan = rollout.plan
+        if plan.steps[rollout.step] == BUCKETS:
+            self._routes.promote(
+                plan.model,
+                plan.candidate,
+                who=AUTOMATIC,
+                why=f"rollout #{rollout.id} completed: v{plan.candidate} takes 100%; {done} passed: {passed}",
+            )
+            self._finish(rollout, "completed", f"promoted after {done} passed")
+            return
+        why = f"rollout #{rollout.id}: {self._step_words(rollout)}; {done} passed: {passed}"
+        self._set_route(rollout, AUTOMATIC, why)
+        self._open_window(rollout)
+
+    def _fail(self, rollout: Rollout, verdict: Verdict, prefix: str) -> None:
+        """Restore the baseline route; the gates with `verdict` (fail, or wait for want of data) are why."""
+        failing = [g for g in rollout.gates if g.verdict == verdict]
+        figures = explain(failing)
+        where = rollout.where
+        self._end_step(rollout, "failed")
+        self._routes.change(
+            rollout.plan.model,
+            Route.from_dict(rollout.restore),
+            who=AUTOMATIC,
+            why=f"rollout #{rollout.id} failed at {where}: {prefix}{figures}; traffic back to v{rollout.baseline}",
+            action="rollback",
+        )
+        names = ",".join(g.gate for g in failing)
+        self._finish(rollout, "failed", f"failed at {where}: {names}: {prefix}{figures}")
+
+    def _pause(self, rollout: Rollout, who: str, why: str) -> None:
+        self._end_step(rollout, "paused")
+        rollout.state, rollout.outcome = "paused", f"paused by {who} at {rollout.where}: {why}"
+        self._routes.note(rollout.plan.model, who=who, why=f"rollout #{rollout.id} paused at {rollout.where}: {why}")
+        self._save(rollout)
+        log.info("rollout #%d: %s", rollout.id, rollout.outcome)
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _step_words(self, rollout: Rollout) -> str:
+        return f"{rollout.where}: v{rollout.plan.candidate} takes {format_percent(rollout.bps)}% of traffic"
+
+    def _target(self, rollout: Rollout) -> Route:
+        """The route of the rollout's current phase, built on the baseline route."""
+        base = Route.from_dict(rollout.restore)
+        plan = rollout.plan
+        if rollout.step < 0:
+            return dataclasses.replace(base, shadows=(*base.shadows, (plan.candidate, BUCKETS)))
+        bps = plan.steps[rollout.step]
+        shadow = ((plan.candidate, plan.step_shadow_bps),) if plan.step_shadow_bps else ()
+        return dataclasses.replace(
+            base, split=((rollout.baseline, BUCKETS - bps), (plan.candidate, bps)), shadows=(*base.shadows, *shadow)
+        )
+
+    def _set_route(self, rollout: Rollout, who: str, why: str) -> None:
+        """Apply the current phase's route (a note if it is already in place) and remember it."""
+        route = self._target(rollout)
+        action: Action = "shadow" if rollout.step < 0 else "split"
+        if self._routes.route(rollout.plan.model) == route:
+            self._routes.note(rollout.plan.model, who=who, why=why)
+        else:
+            self._routes.change(rollout.plan.model, route, who=who, why=why, action=action)
+        rollout.expected = route.to_dict()
+
+    def _open_window(self, rollout: Rollout) -> None:
+        plan = rollout.plan
+        role = "shadow" if rollout.step < 0 else "primary"
+        now = self._now()
+        self._windows[rollout.id] = _Window(
+            baseline=self._measure(plan.model, rollout.baseline, "primary"),
+            candidate=self._measure(plan.model, plan.candidate, role),
+            agreement=self._compare(plan.model, rollout.baseline, plan.candidate),
+            started_s=now,
+        )
+        rollout.step_started_ns, rollout.extensions, rollout.gates = int(now * 1e9), 0, []
+        self._save(rollout)
+
+    def _end_step(self, rollout: Rollout, outcome: str) -> None:
+        self._windows.pop(rollout.id, None)
+        rollout.history.append(
+            StepRecord(
+                rollout.phase,
+                rollout.bps,
+                rollout.step_started_ns,
+                self._now_ns(),
+                outcome,
+                rollout.extensions,
+                list(rollout.gates),
+            )
+        )
+
+    def _finish(self, rollout: Rollout, state: State, outcome: str) -> None:
+        rollout.state, rollout.outcome = state, outcome
+        rollout.expected = None
+        self._save(rollout)
+        log.info("rollout #%d: %s", rollout.id, outcome)
+
+    def _save(self, rollout: Rollout) -> None:
+        rollout.updated_ns = self._now_ns()
+        self._store.save(rollout)
+
+    def _now_ns(self) -> int:
+        return int(self._now() * 1e9)
+
+    def close(self) -> None:
+        self._store.close()
