@@ -462,6 +462,10 @@ class AdminServicer:
         return await self._set(context, request, "pin", lambda: {"allow_pinning": request.allow_pinning})
 
     @refusals_answered(pb.ChangeResponse)
+    async def SetOverrideRoles(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._set(context, request, "override", lambda: {"override_roles": frozenset(request.roles)})
+
+    @refusals_answered(pb.ChangeResponse)
     async def Promote(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         r = request
         return await self._change(

@@ -314,6 +314,19 @@ def _pin(args: argparse.Namespace) -> Result:
     return _change(args, "SetPinPolicy", request)
 
 
+def _override(args: argparse.Namespace) -> Result:
+    request = pb.SetOverrideRolesRequest(model=args.model, roles=args.roles, reason=args.reason)
+    return _change(args, "SetOverrideRoles", request)
+
+
+def _roles(text: str) -> list[str]:
+    roles = [r.strip() for r in text.split(",") if r.strip()]
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown role {unknown[0]!r}; roles are {', '.join(ROLES)}")
+    return roles
+
+
 def _promote(args: argparse.Namespace) -> Result:
     return _change(args, "Promote", pb.PromoteRequest(model=args.model, version=args.version, reason=args.reason))
 
@@ -637,6 +650,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         "--allow", dest="allow", action="store_true", default=None, help="clients may name a model_version"
     )
     allow.add_argument("--forbid", dest="allow", action="store_false", help="refuse requests that name a model_version")
+    override = leaf(group, "override", _override, "which roles may send x-route-version", changes=True)
+    override.add_argument("model")
+    who = override.add_mutually_exclusive_group(required=True)
+    who.add_argument("--roles", type=_roles, help="comma-separated roles, e.g. operator,admin")
+    who.add_argument("--none", dest="roles", action="store_const", const=[], help="no one may override")
     promote = leaf(group, "promote", _promote, "one version takes all traffic", changes=True)
     promote.add_argument("model")
     promote.add_argument("version")

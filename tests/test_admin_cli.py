@@ -216,6 +216,28 @@ def test_sticky_and_pin(gw: GatewayProcess) -> None:
     assert cli(gw, "routes", "pin", "mlp", "--reason", "which?").returncode == EXIT_USAGE
 
 
+def test_override_roles_decide_who_may_send_x_route_version(gw: GatewayProcess) -> None:
+    operator = ok(gw, "tokens", "create", "--role", "operator", "--name", "override-tester").strip()
+    request = pb.ModelInferRequest(model_name="mlp", id="override-1")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 32])
+    request.raw_input_contents.append(np.zeros((1, 32), dtype=np.float32).tobytes())
+
+    def version_for(token: str) -> str:
+        with grpc.insecure_channel(gw.address) as channel:
+            metadata = [("authorization", f"Bearer {token}"), ("x-route-version", "2")]
+            return str(Stub(channel).ModelInfer(request, metadata=metadata, timeout=10).model_version)
+
+    assert version_for(operator) == "2"  # operators may override by default
+    ok(gw, "routes", "override", "mlp", "--roles", "admin", "--reason", "only admins test versions")
+    assert mlp_route(gw)["override_roles"] == ["admin"]
+    with pytest.raises(grpc.RpcError) as refused:
+        version_for(operator)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert version_for((gw.state_dir / "admin.token").read_text().strip()) == "2"
+    ok(gw, "routes", "override", "mlp", "--roles", "operator,admin", "--reason", "operators again")
+    assert cli(gw, "routes", "override", "mlp", "--roles", "root", "--reason", "x").returncode == EXIT_USAGE
+
+
 def _infer_mlp(address: str, count: int) -> None:
     with grpc.insecure_channel(address) as channel:
         stub = Stub(channel)
