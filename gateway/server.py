@@ -21,6 +21,7 @@ from gateway import protocol, telemetry
 from gateway.admin import AdminServicer
 from gateway.auth import TokenStore
 from gateway.config import GatewayConfig
+from gateway.feedback.store import FeedbackStore
 from gateway.inference import InferenceService
 from gateway.lifecycle import ModelLifecycle
 from gateway.ratelimit import RateLimiter
@@ -76,6 +77,7 @@ class Gateway:
             self._observe(self.telemetry.metrics)
         live = self.request_log.live_segment if self.request_log is not None else None
         self.log_reader = LogReader(config.log_dir, live=live)
+        self.feedback = FeedbackStore(config.feedback_dir) if config.log.enabled else None
         self.tls = CertificateFiles(config.tls) if config.tls.enabled else None
         # With mTLS every caller has a verified certificate, which names callers that send no token.
         certificate_caller = (
@@ -106,6 +108,8 @@ class Gateway:
             self.rollouts,
             certificate_caller,
             self.service.refusals,
+            self.feedback,
+            config.feedback.window_s,
         )
         # The operator API shares the inference port unless admin.port names its own (e.g. a port
         # that only the operators' network reaches).
@@ -317,6 +321,8 @@ class Gateway:
         if self.request_log is not None:
             await self.request_log.close()
         self.rollouts.close()
+        if self.feedback is not None:
+            self.feedback.close()
         self.routes.close()
         self.repository.close()
         if self.telemetry is not None:

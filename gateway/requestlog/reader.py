@@ -8,7 +8,8 @@ record that fails to decode is reported with its segment and key, never dropped 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,8 +66,13 @@ class LogReader:
     problems: list[Problem] = field(default_factory=list)
     _open: dict[Path, Segment] = field(default_factory=dict)
     _damaged: set[Path] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _segments(self, newest_first: bool = False) -> list[Segment]:
+        with self._lock:  # feedback ingest and quality reports read from worker threads
+            return self._segments_locked(newest_first)
+
+    def _segments_locked(self, newest_first: bool) -> list[Segment]:
         paths = list_segments(self.log_dir)
         live = self.live() if self.live is not None else None
         for gone in set(self._open) - set(paths):
@@ -121,6 +127,18 @@ class LogReader:
                     if record is not None:
                         found.append(record)
         return sorted(found, key=lambda r: (r.ts_ns, r.role != "primary"))
+
+    def known_ids(self, request_ids: Iterable[str]) -> set[str]:
+        """Those of `request_ids` that have a record (looked up in each segment's id index, no decoding)."""
+        by_key = {id_key(i): i for i in request_ids if i}
+        found: set[str] = set()
+        for segment in self._segments(newest_first=True):
+            if len(found) == len(by_key):
+                break
+            with segment.env.begin(db=segment.ids) as txn:
+                wanted = sorted(key for key, i in by_key.items() if i not in found)
+                found.update(by_key[key] for key, _ in txn.cursor().getmulti(wanted))
+        return found
 
     def query(self, query: Query = Query()) -> Iterator[Record]:
         """Matching records in time order; whole segments outside the time range are skipped."""
