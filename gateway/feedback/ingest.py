@@ -54,7 +54,6 @@ def _check(index: int, entry: Any, task: str, model: str, seen: dict[str, int]) 
             "request_id",
             f"{request_id!r} repeats entries[{seen[request_id]}] in this batch; send one truth per request",
         )
-    seen[request_id] = index
     kind = entry.WhichOneof("truth")
     if kind is None:
         return invalid("", "neither label nor value is set")
@@ -72,6 +71,7 @@ def _check(index: int, entry: Any, task: str, model: str, seen: dict[str, int]) 
         return invalid("weight", f"{weight} is not a finite number >= 0")
     if entry.observed_ns < 0:
         return invalid("observed_ns", f"{entry.observed_ns} is negative")
+    seen[request_id] = index  # only a stored entry makes a later one a repeat
     return Truth(KIND_LABEL if kind == "label" else KIND_VALUE, truth, entry.observed_ns, weight)
 
 
