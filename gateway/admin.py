@@ -603,7 +603,10 @@ class AdminServicer:
         self._known(request.model, required=True)
         store, task = self._store(), self._task(request.model)
         # Checked and written in a worker thread: a batch of thousands never holds up the event loop.
-        outcome = await asyncio.to_thread(ingest.submit, store, self._log, request.model, task, request.entries)
+        columns = request.columns if request.HasField("columns") else None
+        outcome = await asyncio.to_thread(
+            ingest.submit, store, self._log, request.model, task, request.entries, columns
+        )
         return pb.SubmitFeedbackResponse(
             stored=outcome.stored,
             overwritten=outcome.overwritten,

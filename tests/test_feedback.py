@@ -232,6 +232,26 @@ def test_bad_feedback_gets_precise_errors_and_changes_nothing_else(served: Serve
     assert (again.stored, again.overwritten) == (1, 1)
     assert served.call("GetQuality", apb.GetQualityRequest(model=MODEL)).feedback_records == after
 
+    columns = apb.FeedbackColumns(request_ids=["e-1", "e-2", "e-1", "nope"], labels=[1, 0, 1, 0], weights=[1, -2, 1, 1])
+    response = served.call("SubmitFeedback", apb.SubmitFeedbackRequest(model=MODEL, columns=columns))
+    assert (response.stored, response.overwritten, list(response.unknown_ids)) == (1, 1, ["nope"])
+    assert [(i.index, i.reason) for i in response.invalid] == [
+        (1, "columns.weights[1]: -2.0 is not a finite number >= 0"),
+        (2, "columns.request_ids[2]: 'e-1' repeats row 0 in this batch; send one truth per request"),
+    ]
+    with pytest.raises(grpc.RpcError) as refused:  # a classifier's truth as values: the whole batch is refused
+        columns = apb.FeedbackColumns(request_ids=["e-1", "e-2"], values=[1.0, 0.0])
+        served.call("SubmitFeedback", apb.SubmitFeedbackRequest(model=MODEL, columns=columns))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == (
+        f"columns.values: model '{MODEL}' is a classifier: send the true class as integer `labels`"
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        columns = apb.FeedbackColumns(request_ids=["e-1", "e-2"], labels=[1])
+        served.call("SubmitFeedback", apb.SubmitFeedbackRequest(model=MODEL, columns=columns))
+    assert "columns.labels: 1 rows for 2 request_ids" in (refused.value.details() or "")
+    assert served.call("GetQuality", apb.GetQualityRequest(model=MODEL)).feedback_records == after
+
     path = tmp_path / "bad.jsonl"
     path.write_text('{"request_id": "e-2", "label": "yes"}\nnot json\n{"request_id": "e-2", "label": 1, "x": 2}\n')
     result = served.cli("feedback", str(path), "--model", MODEL, "--json")

@@ -121,4 +121,4 @@ class Rate:
         z2 = Z_95 * Z_95
         centre = (p + z2 / (2 * n)) / (1 + z2 / n)
         half = Z_95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-        return cls(p, max(0.0, centre - half), min(1.0, centre + half))
+        return cls(p, min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))  # rounding keeps p inside

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
+import numpy as np
 
 from gateway.requestlog.record import id_key
 
@@ -22,6 +23,9 @@ TRUTH_DB = b"truth"
 MAP_SIZE = 1 << 30  # grows on demand; the file is sparse
 # kind (0: class label, 1: value), truth, observed ns, weight, received ns
 VALUE = struct.Struct("<Bdqdq")
+RECORD = np.dtype(  # the same layout, for packing a whole batch at once
+    [("kind", "u1"), ("truth", "<f8"), ("observed_ns", "<i8"), ("weight", "<f8"), ("received_ns", "<i8")]
+)
 KIND_LABEL = 0
 KIND_VALUE = 1
 
@@ -65,11 +69,15 @@ class FeedbackStore:
 
     def put(self, items: Sequence[tuple[str, Truth]]) -> tuple[int, int]:
         """Store every item in one transaction; return (stored, overwritten)."""
-        pairs = [(id_key(request_id), truth.pack()) for request_id, truth in items]
+        return self.put_packed([(id_key(request_id), truth.pack()) for request_id, truth in items])
+
+    def put_packed(self, pairs: list[tuple[bytes, bytes]]) -> tuple[int, int]:
+        """(id key, packed truth) pairs in one transaction; return (stored, overwritten)."""
         while True:
             try:
                 with self._env.begin(write=True, db=self._db) as txn:
                     cursor = txn.cursor()
+                    pairs.sort()  # B-tree pages in order, for the lookups and the writes
                     existing = len(cursor.getmulti([key for key, _ in pairs]))
                     cursor.putmulti(pairs)
                 break

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,16 +128,17 @@ class LogReader:
                         found.append(record)
         return sorted(found, key=lambda r: (r.ts_ns, r.role != "primary"))
 
-    def known_ids(self, request_ids: Iterable[str]) -> set[str]:
-        """Those of `request_ids` that have a record (looked up in each segment's id index, no decoding)."""
-        by_key = {id_key(i): i for i in request_ids if i}
-        found: set[str] = set()
+    def known_keys(self, keys: list[bytes]) -> set[bytes]:
+        """Those id keys (`id_key(request_id)`) that have a record: looked up in each segment's id index,
+        newest first, nothing decoded."""
+        found: set[bytes] = set()
+        wanted = sorted(keys)  # B-tree pages in order: a third cheaper than random lookups
         for segment in self._segments(newest_first=True):
-            if len(found) == len(by_key):
-                break
             with segment.env.begin(db=segment.ids) as txn:
-                wanted = sorted(key for key, i in by_key.items() if i not in found)
-                found.update(by_key[key] for key, _ in txn.cursor().getmulti(wanted))
+                found.update(key for key, _ in txn.cursor().getmulti(wanted))
+            if len(found) == len(set(keys)):
+                break
+            wanted = [key for key in wanted if key not in found]
         return found
 
     def query(self, query: Query = Query()) -> Iterator[Record]:
