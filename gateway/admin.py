@@ -9,6 +9,7 @@ and swaps the live table atomically; rollouts through `router.rollout`, which ed
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
@@ -19,6 +20,10 @@ import grpc
 
 from gateway.auth import Identity, Role, TokenStore, require
 from gateway.errors import ConfigError, FailedPrecondition, GatewayError, InvalidArgument, NotFound, Unavailable
+from gateway.feedback import ingest
+from gateway.feedback.metrics import Rate
+from gateway.feedback.quality import VersionQuality, quality, task_of
+from gateway.feedback.store import FeedbackStore
 from gateway.lifecycle import ModelLifecycle
 from gateway.ood.profile import N_BINS
 from gateway.protocol import admin as pb
@@ -175,6 +180,46 @@ def _version_drift(version: ModelVersion) -> Any:
     return message
 
 
+def _interval(rate: Rate) -> Any:
+    return pb.Interval(value=rate.value, low=rate.low, high=rate.high)
+
+
+def _version_quality(report: VersionQuality) -> Any:
+    return pb.VersionQuality(
+        version=report.version,
+        role=report.role,
+        task=report.task,
+        requests=report.requests,
+        labelled=report.labelled,
+        skipped=report.skipped,
+        metrics=report.metrics,
+        calibration=[pb.CalibrationBin(**dataclasses.asdict(b)) for b in report.calibration],
+        fairness=[
+            pb.AttributeFairness(
+                attribute=f.attribute,
+                groups=[
+                    pb.GroupRates(
+                        group=g.group,
+                        n=g.n,
+                        positives=g.positives,
+                        too_small=g.too_small,
+                        positive_rate=_interval(g.positive_rate),
+                        tpr=_interval(g.tpr),
+                        fpr=_interval(g.fpr),
+                    )
+                    for g in f.groups
+                ],
+                unlabelled_group=f.unlabelled_group,
+                demographic_parity_difference=f.demographic_parity_difference,
+                equal_opportunity_difference=f.equal_opportunity_difference,
+                fpr_difference=f.fpr_difference,
+                alerts=f.alerts,
+            )
+            for f in report.fairness
+        ],
+    )
+
+
 class AdminServicer:
     """Implements every RPC of `canary.admin.v1.AdminService` (registered by `protocol.add_service`)."""
 
@@ -190,7 +235,11 @@ class AdminServicer:
         rollouts: RolloutManager,
         certificate_caller: CertificateCaller | None = None,
         refusals: dict[tuple[str, str], int] | None = None,
+        feedback: FeedbackStore | None = None,
+        quality_window_s: float = 3600.0,
     ) -> None:
+        self._feedback = feedback
+        self._quality_window_s = quality_window_s
         self._repository = repository
         self._lifecycle = lifecycle
         self._refusals = refusals if refusals is not None else {}  # (model, limit) -> refused requests
@@ -538,6 +587,60 @@ class AdminServicer:
     async def PromoteRollout(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         identity = self._rollout_action(context, request, "promote")
         return self._rollout_response(self._rollouts.promote(request.model, who=identity.name, why=request.reason))
+
+    # --- ground truth: operators submit, viewers read the quality it shows ---------------------------
+
+    def _task(self, model: str) -> str:
+        versions = [v for v in self._repository.versions_of(model).values() if v.model is not None]
+        if not versions:
+            raise FailedPrecondition(f"model: {model!r} has no loaded version to tell classifier from regressor")
+        return task_of(versions[-1].model.outputs, self._repository.serving(model))  # type: ignore[union-attr]
+
+    def _store(self) -> FeedbackStore:
+        if self._feedback is None:
+            raise FailedPrecondition("feedback: this gateway runs without a request log, so truth has nothing to join")
+        return self._feedback
+
+    @refusals_answered(pb.SubmitFeedbackResponse)
+    async def SubmitFeedback(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._caller(context, "operator", f"SubmitFeedback for {request.model!r}")
+        self._known(request.model, required=True)
+        store, task = self._store(), self._task(request.model)
+        # Checked and written in a worker thread: a batch of thousands never holds up the event loop.
+        columns = request.columns if request.HasField("columns") else None
+        outcome = await asyncio.to_thread(
+            ingest.submit, store, self._log, request.model, task, request.entries, columns
+        )
+        return pb.SubmitFeedbackResponse(
+            stored=outcome.stored,
+            overwritten=outcome.overwritten,
+            unknown_ids=outcome.unknown_ids,
+            invalid=[
+                pb.InvalidFeedback(index=i.index, request_id=i.request_id, field=i.field, reason=i.reason)
+                for i in outcome.invalid
+            ],
+        )
+
+    @refusals_answered(pb.GetQualityResponse)
+    async def GetQuality(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._caller(context, "viewer", "GetQuality")
+        self._known(request.model, required=True)
+        store, task = self._store(), self._task(request.model)
+        until = request.until_ns or time.time_ns()
+        since = request.since_ns or until - int(self._quality_window_s * 1e9)
+        if since > until:
+            raise InvalidArgument(f"since_ns: {since} is after until_ns {until}")
+        serving = self._repository.serving(request.model)
+        reports = await asyncio.to_thread(quality, self._log, store, request.model, task, serving, since, until)
+        return pb.GetQualityResponse(
+            model=request.model,
+            since_ns=since,
+            until_ns=until,
+            positive_label=serving.positive_label,
+            min_group=serving.fairness_min_group,
+            versions=[_version_quality(r) for r in reports],
+            feedback_records=store.count(),
+        )
 
     # --- admin ------------------------------------------------------------------------------------
 

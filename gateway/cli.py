@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from gateway import admin_cli, rollout_cli
+from gateway import admin_cli, feedback_cli, rollout_cli
 from gateway import config as config_module
 from gateway.errors import ConfigError
 from gateway.ood import commands as ood_commands
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     ood_commands.add_parser(commands)
     admin_cli.add_parsers(commands)
     rollout_cli.add_parser(commands)
+    feedback_cli.add_parser(commands)
     return parser
 
 

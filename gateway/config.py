@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from gateway.errors import ConfigError
 
 Execution = Literal["auto", "inline", "thread"]
 OodPolicy = Literal["flag", "reject", "fallback"]
+_SEGMENT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,28 @@ class ModelServingConfig:
     max_queue: int = -1  # requests waiting in the micro-batcher; -1: twice max_batch_size
     max_tensor_rank: int = 0  # dimensions of any input
     max_tensor_elements: int = 0  # elements of any input
+    # Ground truth and quality (README, "Ground truth, quality and fairness").
+    segments: tuple[str, ...] = ()  # request parameters `segment.NAME` this model accepts, logs and slices by
+    label_output: str = "label"  # the output holding the predicted class (or value, for a regressor)
+    score_output: str = "probabilities"  # [N, classes] class probabilities ("" or absent: no score metrics)
+    positive_label: int = 1  # the class that precision, recall, TPR, FPR, AUROC and calibration are about
+    fairness_min_group: int = 30  # labelled requests a group needs before its rates are reported
+    max_demographic_parity_gap: float = 0.0  # alert past this gap in positive rate between groups (0: off)
+    max_equal_opportunity_gap: float = 0.0  # ... in true-positive rate (0: off)
+    max_fpr_gap: float = 0.0  # ... in false-positive rate (0: off)
 
     def check(self, path: str) -> None:
         """ConfigError naming `path.key` for a limit out of range (`path`: the section being read)."""
+        for name in self.segments:
+            if not _SEGMENT_NAME.fullmatch(name):
+                raise ConfigError(f"{path}.segments: {name!r} is not a name (letters, digits, _ and -)")
+        if len(set(self.segments)) != len(self.segments):
+            raise ConfigError(f"{path}.segments: {list(self.segments)} names an attribute twice")
+        if self.fairness_min_group < 1:
+            raise ConfigError(f"{path}.fairness_min_group: must be at least 1, got {self.fairness_min_group}")
+        for key in ("max_demographic_parity_gap", "max_equal_opportunity_gap", "max_fpr_gap"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{path}.{key}: must be in [0, 1] (0: off), got {getattr(self, key)}")
         for key in ("max_in_flight", "max_tensor_rank", "max_tensor_elements"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{path}.{key}: must be 0 (unlimited) or more, got {getattr(self, key)}")
@@ -153,6 +174,18 @@ class OodConfig:
 
 
 @dataclass(frozen=True)
+class FeedbackConfig:
+    """Ground truth and the quality checks run on it (README, "Ground truth, quality and fairness")."""
+
+    check_interval_s: float = 30.0  # how often quality and fairness gaps are recomputed, alerts logged (0: never)
+    window_s: float = 3600.0  # ...over the requests of this last window
+
+    def __post_init__(self) -> None:
+        if self.check_interval_s < 0 or self.window_s <= 0:
+            raise ConfigError("feedback: check_interval_s must be >= 0 and window_s > 0")
+
+
+@dataclass(frozen=True)
 class TelemetryConfig:
     """OpenTelemetry exporters (see README, "Observability"); everything off by default."""
 
@@ -182,6 +215,7 @@ class GatewayConfig:
     admin: AdminConfig = field(default_factory=AdminConfig)
     shadows: ShadowConfig = field(default_factory=ShadowConfig)
     ood: OodConfig = field(default_factory=OodConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
 
@@ -204,6 +238,10 @@ class GatewayConfig:
     def rollouts_dir(self) -> Path:
         return Path(self.server.state_dir) / "rollouts"
 
+    @property
+    def feedback_dir(self) -> Path:
+        return Path(self.server.state_dir) / "feedback"
+
 
 def _check_value(path: str, value: Any, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
@@ -214,6 +252,10 @@ def _check_value(path: str, value: Any, annotation: Any) -> Any:
         return value
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if origin is tuple:  # tuple[str, ...]: a TOML array of strings
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{path}: expected an array of strings, got {value!r}")
+        return tuple(value)
     if isinstance(annotation, type) and (
         not isinstance(value, annotation) or (annotation is int and isinstance(value, bool))
     ):

@@ -14,7 +14,8 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Protocol
 
 import grpc
 import numpy as np
@@ -43,8 +44,42 @@ from router.rules import StickyKey
 from router.table import OVERRIDE_HEADER
 
 
-def _no_parameter(name: str) -> str | None:
-    return None
+class Parameters(Protocol):
+    """A request's parameters as text, read only when needed (the transport keeps them undecoded)."""
+
+    def __call__(self, name: str) -> str | None: ...
+
+    def names(self) -> Iterable[str]: ...
+
+
+class NoParameters:
+    def __call__(self, name: str) -> str | None:
+        return None
+
+    def names(self) -> Iterable[str]:
+        return ()
+
+
+SEGMENT_PREFIX = "segment."
+
+
+def segments_of(parameters: Parameters, declared: tuple[str, ...], model: str) -> dict[str, str] | None:
+    """The request's `segment.NAME` parameters; INVALID_ARGUMENT for a name the model does not declare,
+    so attributes nobody agreed to collect are never logged."""
+    found: dict[str, str] = {}
+    for key in parameters.names():
+        if not key.startswith(SEGMENT_PREFIX):
+            continue
+        name = key[len(SEGMENT_PREFIX) :]
+        if name not in declared:
+            raise InvalidArgument(
+                f"parameters[{key}]: segment attribute {name!r} is not declared for model {model!r} "
+                f"(declared: {list(declared)}); add it to models.{model}.segments to collect it"
+            )
+        value = parameters(key)
+        if value is not None:
+            found[name] = value
+    return found or None
 
 
 class InferenceRequest:
@@ -70,7 +105,7 @@ class InferenceRequest:
         outputs: list[str],
         datatypes: dict[str, str],
         headers: Mapping[str, str] | None = None,
-        parameter: Callable[[str], str | None] = _no_parameter,
+        parameter: Parameters | None = None,
         caller: Identity | None = None,
         deadline: float | None = None,
     ) -> None:
@@ -81,7 +116,8 @@ class InferenceRequest:
         self.outputs = outputs  # requested output names; empty means all
         self.datatypes = datatypes  # the protocol datatype each input was declared with
         self.headers = headers or {}  # transport metadata (sticky routing key, route override)
-        self.parameter = parameter  # a request parameter's value as text, looked up only if a route needs it
+        # Request parameters as text, looked up only if a route or the model's segments need them.
+        self.parameter: Parameters = parameter if parameter is not None else NoParameters()
         self.caller = caller  # the authenticated caller, if the request carried a token
         self.deadline = deadline  # the client's deadline as a time.monotonic() value; None: no deadline
 
@@ -317,6 +353,8 @@ class InferenceService:
             )
             version = self.repository.get_ready(request.model_name, decision.version)
             record.version, record.sha256 = version.version, version.sha256
+            if version.serving.segments:  # parameters are read only for models that declare segments
+                record.segments = segments_of(request.parameter, version.serving.segments, version.name)
             rows = self._validate(version, request)
             marks.routed = time.perf_counter_ns()
             ood = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Iterable
 
 import grpc
@@ -21,6 +22,8 @@ from gateway import protocol, telemetry
 from gateway.admin import AdminServicer
 from gateway.auth import TokenStore
 from gateway.config import GatewayConfig
+from gateway.feedback.quality import VersionQuality, quality, task_of
+from gateway.feedback.store import FeedbackStore
 from gateway.inference import InferenceService
 from gateway.lifecycle import ModelLifecycle
 from gateway.ratelimit import RateLimiter
@@ -76,6 +79,9 @@ class Gateway:
             self._observe(self.telemetry.metrics)
         live = self.request_log.live_segment if self.request_log is not None else None
         self.log_reader = LogReader(config.log_dir, live=live)
+        self.feedback = FeedbackStore(config.feedback_dir) if config.log.enabled else None
+        self.quality_reports: dict[str, list[VersionQuality]] = {}  # the last periodic check, for metrics
+        self.fairness_alerts: set[tuple[str, str, str, str]] = set()  # (model, version, role, alert text)
         self.tls = CertificateFiles(config.tls) if config.tls.enabled else None
         # With mTLS every caller has a verified certificate, which names callers that send no token.
         certificate_caller = (
@@ -106,6 +112,8 @@ class Gateway:
             self.rollouts,
             certificate_caller,
             self.service.refusals,
+            self.feedback,
+            config.feedback.window_s,
         )
         # The operator API shares the inference port unless admin.port names its own (e.g. a port
         # that only the operators' network reaches).
@@ -174,6 +182,39 @@ class Gateway:
             for (model, limit), count in list(self.service.refusals.items()):
                 yield count, {"model": model, "limit": limit}
 
+        def quality_metric() -> Iterable[tuple[float, dict[str, str]]]:
+            for model, versions in list(self.quality_reports.items()):
+                for r in versions:
+                    for name, value in r.metrics.items():
+                        yield value, {"model": model, "version": r.version, "role": r.role, "metric": name}
+
+        def fairness(field: str) -> Observe:
+            def read() -> Iterable[tuple[float, dict[str, str]]]:
+                for model, versions in list(self.quality_reports.items()):
+                    for r in versions:
+                        for f in r.fairness:
+                            labels = {"model": model, "version": r.version, "role": r.role, "attribute": f.attribute}
+                            if field == "alert":
+                                yield float(bool(f.alerts)), labels
+                                continue
+                            for gap in ("demographic_parity", "equal_opportunity", "fpr"):
+                                value = getattr(f, f"{gap}_difference")
+                                if value == value:  # NaN: fewer than two groups large enough
+                                    yield value, {**labels, "gap": gap}
+
+            return read
+
+        metrics.observe(
+            "gateway.quality.metric",
+            "gauge",
+            "quality on ground truth, by version, role and metric",
+            "1",
+            quality_metric,
+        )
+        metrics.observe("gateway.fairness.gap", "gauge", "largest gap in a rate between groups", "1", fairness("gap"))
+        metrics.observe(
+            "gateway.fairness.alert", "gauge", "1 while a fairness gap is past its threshold", "1", fairness("alert")
+        )
         metrics.observe(
             "gateway.limit.refused", "counter", "requests refused by a limit, by model and limit", "{request}", refusals
         )
@@ -268,6 +309,47 @@ class Gateway:
                 else:
                     log.info("drift alert cleared: model %s version %s", version.name, version.version)
 
+    def _quality_checks(self) -> dict[str, list[VersionQuality]]:
+        """Quality of every model with a fairness threshold, over the last feedback.window_s (a worker thread)."""
+        assert self.feedback is not None
+        until = time.time_ns()
+        since = until - int(self.config.feedback.window_s * 1e9)
+        reports = {}
+        for model in sorted(self.repository.models):
+            serving = self.repository.serving(model)
+            thresholds = (serving.max_demographic_parity_gap, serving.max_equal_opportunity_gap, serving.max_fpr_gap)
+            loaded = [v.model for v in self.repository.versions_of(model).values() if v.model is not None]
+            if not serving.segments or not any(thresholds) or not loaded:
+                continue
+            task = task_of(loaded[-1].outputs, serving)
+            reports[model] = quality(self.log_reader, self.feedback, model, task, serving, since, until)
+        return reports
+
+    async def _watch_quality(self) -> None:
+        """Recompute fairness gaps on the ground truth so far; log alerts as they start and clear."""
+        interval = self.config.feedback.check_interval_s
+        if interval <= 0 or self.feedback is None:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                reports = await asyncio.to_thread(self._quality_checks)
+            except Exception:
+                log.exception("quality check failed; trying again at the next check")
+                continue
+            alerts = {
+                (model, r.version, r.role, alert)
+                for model, versions in reports.items()
+                for r in versions
+                for f in r.fairness
+                for alert in f.alerts
+            }
+            for model, version, role, alert in sorted(alerts - self.fairness_alerts):
+                log.warning("fairness alert: model %s version %s (%s): %s", model, version, role, alert)
+            for model, version, role, alert in sorted(self.fairness_alerts - alerts):
+                log.info("fairness alert cleared: model %s version %s (%s): %s", model, version, role, alert)
+            self.fairness_alerts, self.quality_reports = alerts, reports
+
     async def _drive_rollouts(self) -> None:
         """Judge running rollouts: step, promote or roll back (router.rollout decides, this only ticks)."""
         while True:
@@ -302,6 +384,7 @@ class Gateway:
             asyncio.create_task(self._watch_drift()),
             asyncio.create_task(self._watch_repository()),
             asyncio.create_task(self._drive_rollouts()),
+            asyncio.create_task(self._watch_quality()),
         ]
         await stopping
         for task in watching:
@@ -317,6 +400,8 @@ class Gateway:
         if self.request_log is not None:
             await self.request_log.close()
         self.rollouts.close()
+        if self.feedback is not None:
+            self.feedback.close()
         self.routes.close()
         self.repository.close()
         if self.telemetry is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Any
@@ -72,17 +72,23 @@ def refusals_answered(empty: Callable[[], Any]) -> Callable[[Rpc], Rpc]:
     return wrap
 
 
-def _parameter_reader(request: pb.ModelInferRequest) -> Callable[[str], str | None]:
-    """A request parameter's value as text (a sticky routing key may come from one)."""
+class ParameterReader:
+    """A request's parameters as text, read only when asked (a sticky key or segments may need them)."""
 
-    def read(name: str) -> str | None:
-        if name not in request.parameters:
+    __slots__ = ("_parameters",)
+
+    def __init__(self, request: pb.ModelInferRequest) -> None:
+        self._parameters = request.parameters
+
+    def __call__(self, name: str) -> str | None:
+        if name not in self._parameters:
             return None
-        parameter = request.parameters[name]
+        parameter = self._parameters[name]
         kind = parameter.WhichOneof("parameter_choice")
         return None if kind is None else str(getattr(parameter, kind))
 
-    return read
+    def names(self) -> Iterable[str]:
+        return iter(self._parameters)
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -195,7 +201,7 @@ class InferenceServicer:
             reject(context, "ModelInfer", await self._log_unprocessed(request, e))
             return pb.ModelInferResponse()
         decoded.headers = headers
-        decoded.parameter = _parameter_reader(request)
+        decoded.parameter = ParameterReader(request)
         decoded.deadline = _deadline(context)
         try:
             response = await self._service.infer(decoded)
@@ -225,7 +231,7 @@ class InferenceServicer:
                 return _stream_error(request, await self._log_unprocessed(request, e))
             decoded.caller = caller
             decoded.headers = headers
-            decoded.parameter = _parameter_reader(request)
+            decoded.parameter = ParameterReader(request)
             decoded.deadline = deadline
             try:
                 response = await self._service.infer(decoded)

@@ -76,6 +76,7 @@ class Record:
     trace_id: str | None = None
     sha256: str = ""
     raw_request: bytes | None = None  # the request as received, when it could not be decoded
+    segments: dict[str, str] | None = None  # declared `segment.NAME` request parameters (never seen by the model)
 
 
 def _tensors_out(tensors: list[Tensor]) -> list[list[Any]]:

@@ -1,0 +1,163 @@
+"""Ground-truth ingest beside inference: feedback records per second in batches, and inference throughput
+with and without feedback arriving, in one run (targets: >= 50,000 records/s; >= 0.95x throughput).
+
+The gateway (pinned to one CPU, the load generator and the feedback sender to the other) serves the
+benchmark MLP. A set of requests with known ids is logged first; the feedback sender then sends
+`SubmitFeedback` batches of truth for them (each id again and again, so every record after the first
+round is an overwrite: the same checks, log lookups and writes). Phases, each `--duration` long:
+inference alone, inference + feedback at `--rate` records/s (open loop, one batch every
+batch/rate seconds), inference alone again (the baseline is the mean of the two alone runs, so a
+drift of the machine during the run shows), then feedback alone as fast as it goes.
+
+    python loadtests/bench_feedback.py [--duration 8] [--rate 50000] [--batch 5000] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from bench_core import HOST, choose_placement, running
+from loadgen import LoadSpec, run_load
+from models import INPUT_NAME, MODEL_NAME, OutputCheck, build_infer_request, build_repository, sample_input
+
+from gateway.protocol import admin as apb
+from gateway.protocol import inference as pb
+
+SUBMIT = "/canary.admin.v1.AdminService/SubmitFeedback"
+
+
+def _log_known_ids(target: str, count: int) -> list[str]:
+    """Send `count` requests with ids fb-<n> (16 at a time), so their truth has records to join."""
+    x = sample_input(1)
+
+    async def send() -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            queue = iter(range(count))
+
+            async def caller() -> None:
+                for n in queue:
+                    request = pb.ModelInferRequest(model_name=MODEL_NAME, id=f"fb-{n}")
+                    request.inputs.add(name=INPUT_NAME, datatype="FP32", shape=x.shape)
+                    request.raw_input_contents.append(x.tobytes())
+                    await call(request.SerializeToString(), timeout=10)
+
+            await asyncio.gather(*(caller() for _ in range(16)))
+
+    asyncio.run(send())
+    return [f"fb-{n}" for n in range(count)]
+
+
+class FeedbackSender(threading.Thread):
+    """Pre-serialized SubmitFeedback batches at `rate` records/s (0: as fast as answers come)."""
+
+    def __init__(self, target: str, token: str, ids: list[str], batch: int, rate: float) -> None:
+        super().__init__(daemon=True)
+        self.batches = []
+        for start in range(0, len(ids), batch):
+            chunk = ids[start : start + batch]
+            columns = apb.FeedbackColumns(request_ids=chunk, values=[float(n % 7) for n in range(len(chunk))])
+            self.batches.append(apb.SubmitFeedbackRequest(model=MODEL_NAME, columns=columns).SerializeToString())
+        self.target, self.metadata, self.batch, self.rate = target, [("authorization", f"Bearer {token}")], batch, rate
+        self.stored = 0
+        self.problems = 0
+        self.elapsed_s = 0.0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with grpc.insecure_channel(self.target) as channel:
+            submit = channel.unary_unary(SUBMIT)
+            started = next_at = time.monotonic()
+            n = 0
+            while not self.stop.is_set():
+                if self.rate:
+                    delay = next_at - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    next_at += self.batch / self.rate
+                answer = apb.SubmitFeedbackResponse.FromString(
+                    submit(self.batches[n % len(self.batches)], metadata=self.metadata, timeout=30)
+                )
+                self.stored += answer.stored
+                self.problems += len(answer.unknown_ids) + len(answer.invalid)
+                n += 1
+            self.elapsed_s = time.monotonic() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per phase (default 8)")
+    parser.add_argument("--rate", type=float, default=50_000, help="feedback records/s offered (default 50000)")
+    parser.add_argument("--batch", type=int, default=5000, help="records per SubmitFeedback call (default 5000)")
+    parser.add_argument("--ids", type=int, default=20_000, help="logged requests the truth is for (default 20000)")
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args(argv)
+    placement = choose_placement()
+    print(f"placement: {placement.description}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        repository = build_repository(workdir / "models")
+        argv_ = [sys.executable, "-m", "gateway", "serve", "--model-repository", str(repository), "--host", HOST]
+        argv_ += ["--state-dir", str(workdir / "state")]
+        with running("gateway", argv_, placement, workdir) as server:
+            body = build_infer_request()
+            server.wait_ready(body, OutputCheck())
+            token = (workdir / "state" / "admin.token").read_text().strip()
+            ids = _log_known_ids(server.target, args.ids)
+            spec = LoadSpec(
+                server.target,
+                body,
+                concurrency=args.concurrency,
+                duration_s=args.duration,
+                warmup_s=2.0,
+                cpus=placement.client_cpus,
+            )
+
+            def inference(label: str, sender: FeedbackSender | None = None) -> float:
+                if sender is not None:
+                    sender.start()
+                result = run_load(spec)
+                if sender is not None:
+                    sender.stop.set()
+                    sender.join()
+                    rate = sender.stored / sender.elapsed_s
+                    print(
+                        f"  feedback: {sender.stored} records stored in {sender.elapsed_s:.1f}s = {rate:,.0f}/s "
+                        f"({sender.problems} refused)",
+                        flush=True,
+                    )
+                print(
+                    f"{label}: {result.throughput:,.0f} inferences/s, p99 {result.latency.p99_us / 1000:.2f} ms, "
+                    f"errors {sum(result.errors.values())}",
+                    flush=True,
+                )
+                return result.throughput
+
+            alone_1 = inference("inference alone")
+            with_feedback = inference(
+                f"inference + feedback at {args.rate:,.0f}/s",
+                FeedbackSender(server.target, token, ids, args.batch, args.rate),
+            )
+            alone_2 = inference("inference alone again")
+            print(f"ratio with/without feedback: {with_feedback / ((alone_1 + alone_2) / 2):.3f} (target >= 0.95)")
+            sender = FeedbackSender(server.target, token, ids, args.batch, 0.0)
+            sender.start()
+            time.sleep(args.duration)
+            sender.stop.set()
+            sender.join()
+            print(
+                f"feedback alone, as fast as it goes: {sender.stored / sender.elapsed_s:,.0f} records/s "
+                f"in batches of {args.batch} ({sender.problems} refused)"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
