@@ -59,6 +59,7 @@ class ModelServingConfig:
     reject_non_finite: bool = False
     ood_policy: OodPolicy = "flag"  # what an out-of-distribution request gets (versions with a profile)
     ood_fallback_version: str = ""  # ood_policy = "fallback": the version that answers such requests
+    agreement_rtol: float = 1e-3  # a shadow's float outputs agree with the primary's within this relative difference
     # Limits, per version of the model (each version has its own session and queue); 0 = unlimited.
     max_in_flight: int = 0  # requests admitted and not yet answered by the model
     max_queue: int = -1  # requests waiting in the micro-batcher; -1: twice max_batch_size

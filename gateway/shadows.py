@@ -40,12 +40,14 @@ class Agreement:
         return self.agreed / self.compared if self.compared else 0.0
 
 
-def outputs_agree(primary: list[np.ndarray], shadow: list[np.ndarray]) -> bool:
+def outputs_agree(primary: list[np.ndarray], shadow: list[np.ndarray], rtol: float = 1e-3) -> bool:
+    """Same first output: equal labels (integer outputs), or floats within relative difference `rtol`
+    (a regressor's answers agree when |shadow - primary| <= rtol * |primary|, plus a tiny absolute slack)."""
     if not primary or not shadow or primary[0].shape != shadow[0].shape:
         return False
     a, b = primary[0], shadow[0]
     if a.dtype.kind == "f" or b.dtype.kind == "f":
-        return bool(np.allclose(a, b, rtol=1e-3, atol=1e-5, equal_nan=True))
+        return bool(np.allclose(b, a, rtol=rtol, atol=1e-5, equal_nan=True))
     return bool(np.array_equal(a, b))
 
 
@@ -126,7 +128,7 @@ class ShadowRunner:
                 for spec, array in zip(version.model.outputs, outputs, strict=True)
             ]
             stat.compared += 1
-            stat.agreed += outputs_agree(primary_outputs, outputs)
+            stat.agreed += outputs_agree(primary_outputs, outputs, version.serving.agreement_rtol)
         except GatewayError as error:
             stat.failed += 1
             record.status, record.message = int(error.code.value[0]), error.message

@@ -6,9 +6,11 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 
 from gateway.errors import InvalidArgument
+from gateway.shadows import outputs_agree
 from gateway.stats import LATENCY_BUCKETS, Counts, bucket_upper_ns, latency_bucket
 from router.analysis import (
     Agreement,
@@ -163,3 +165,15 @@ def test_thresholds_are_validated(fields: dict[str, float]) -> None:
 def test_plans_survive_their_stored_form() -> None:
     plan = Plan("m", "2", (100, 2500, 10000), 30.0, shadow_requests=500, thresholds=Thresholds(min_requests=7))
     assert Plan.from_dict(plan.to_dict()) == plan
+
+
+def test_regressor_answers_agree_within_the_models_relative_difference() -> None:
+    primary = [np.array([[100.0], [-20.0]], dtype=np.float32)]
+    close = [np.array([[104.0], [-20.9]], dtype=np.float32)]  # 4% and 4.5% off
+    far = [np.array([[104.0], [-21.5]], dtype=np.float32)]  # the second is 7.5% off
+    assert outputs_agree(primary, close, rtol=0.05)
+    assert not outputs_agree(primary, far, rtol=0.05)
+    assert not outputs_agree(primary, close)  # the default, 1e-3, is for scores that should match exactly
+    labels = [np.array([1, 0], dtype=np.int64)]
+    assert outputs_agree(labels, [np.array([1, 0], dtype=np.int64)], rtol=0.5)
+    assert not outputs_agree(labels, [np.array([1, 1], dtype=np.int64)], rtol=0.5)  # labels must be equal
