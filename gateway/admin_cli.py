@@ -87,10 +87,37 @@ def find_token(args: argparse.Namespace) -> Token:
         raise CommandError(EXIT_AUTH, f"cannot read the token file {path}: {e.strerror}") from None
 
 
+def _read(path: str | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise CommandError(EXIT_FAILED, f"{flag} {path}: {e.strerror}") from None
+
+
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    """Plaintext, or TLS when --tls-ca is given (with --tls-cert/--tls-key: mTLS)."""
+    if args.tls_ca is None:
+        if args.tls_cert or args.tls_key:
+            raise CommandError(
+                EXIT_USAGE, "--tls-cert and --tls-key need --tls-ca (the CA that signed the gateway's certificate)"
+            )
+        return grpc.insecure_channel(args.address)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise CommandError(EXIT_USAGE, "--tls-cert and --tls-key go together (a client certificate and its key)")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(args.tls_ca, "--tls-ca"),
+        private_key=_read(args.tls_key, "--tls-key"),
+        certificate_chain=_read(args.tls_cert, "--tls-cert"),
+    )
+    return grpc.secure_channel(args.address, credentials)
+
+
 def call(args: argparse.Namespace, method: str, request: Any) -> Any:
     """One admin RPC with the caller's token; a gRPC error becomes a CommandError with its exit code."""
     token = find_token(args)
-    with grpc.insecure_channel(args.address) as channel:
+    with open_channel(args) as channel:
         rpc = getattr(Stub(channel, pb.AdminService), method)
         try:
             return rpc(request, metadata=[("authorization", f"Bearer {token.value}")], timeout=args.timeout)
@@ -613,6 +640,9 @@ def parent_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     common.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     common.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the gateway (default 10)")
+    common.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA (the gateway's [tls])")
+    common.add_argument("--tls-cert", metavar="PEM", help="client certificate for mTLS (with --tls-key)")
+    common.add_argument("--tls-key", metavar="PEM", help="the client certificate's private key")
     change = argparse.ArgumentParser(add_help=False, parents=[common])
     change.add_argument("--reason", required=True, help="why you make this change (kept in the change log)")
     return common, change

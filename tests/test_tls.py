@@ -280,3 +280,20 @@ def test_a_key_that_does_not_match_the_certificate_stops_startup(
     )
     assert result.returncode == 2, result.stderr
     assert f"configuration error: tls: {pki.server.cert} and {pki.client.key} are not a PEM" in result.stderr
+
+
+def test_the_operator_cli_connects_over_mtls(mtls: GatewayProcess, pki: Pki) -> None:
+    base = [sys.executable, "-m", "gateway", "whoami", "--address", mtls.address, "--state-dir", str(mtls.state_dir)]
+    tls = ["--tls-ca", str(pki.ca.cert), "--tls-cert", str(pki.client.cert), "--tls-key", str(pki.client.key)]
+    answered = subprocess.run([*base, *tls], capture_output=True, text=True, timeout=60)
+    assert answered.returncode == 0, answered.stderr
+    assert answered.stdout.startswith("bootstrap-admin (admin)")  # the token names the caller
+    plaintext = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert plaintext.returncode == 5 and "cannot reach a gateway" in plaintext.stderr
+    half = subprocess.run(
+        [*base, "--tls-ca", str(pki.ca.cert), "--tls-key", str(pki.client.key)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert half.returncode == 2 and "--tls-cert and --tls-key go together" in half.stderr
