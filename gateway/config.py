@@ -168,7 +168,7 @@ class OodConfig:
 
     top_k: int = 3  # features named in ood_features and reject messages
     drift_window_rows: int = 2000  # recent rows per version compared with the training profile
-    drift_min_rows: int = 200  # no drift verdict on fewer rows
+    drift_min_rows: int = 500  # no drift verdict on fewer rows (PSI over 30 features is noisy on a few hundred)
     drift_psi_threshold: float = 0.2  # a feature drifts when its PSI reaches this...
     drift_ks_threshold: float = 0.2  # ...or its KS statistic reaches this (about the same shift as PSI 0.2)
     drift_check_interval_s: float = 1.0  # how often drift is recomputed and alerts logged
