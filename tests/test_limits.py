@@ -114,10 +114,12 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_not_run_and_is_logged(g
     async def scenario() -> list[Any]:
         async with grpc.aio.insecure_channel(gateway.address) as channel:
             stub = Stub(channel)
-            # Full 64-row batches, run one after another on the model's thread: ~100 ms of queue.
-            blockers = [asyncio.ensure_future(stub.ModelInfer(_request("slow", f"block-{i}", 64))) for i in range(8)]
+            # Full 64-row batches, run one after another on the model's thread: ~200 ms of queue. The late
+            # request has 80 ms: time to reach the gateway even on a loaded machine (a request that never
+            # reaches it cannot be logged), not enough to get through the queue.
+            blockers = [asyncio.ensure_future(stub.ModelInfer(_request("slow", f"block-{i}", 64))) for i in range(16)]
             await asyncio.sleep(0.02)
-            late = stub.ModelInfer(_request("slow", "late-1"), timeout=0.03)
+            late = stub.ModelInfer(_request("slow", "late-1"), timeout=0.08)
             return await asyncio.gather(late, *blockers, return_exceptions=True)
 
     late, *blockers = asyncio.run(scenario())

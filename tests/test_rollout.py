@@ -208,10 +208,14 @@ def test_bad_candidate_is_rolled_back_at_the_first_step(
         rolled_back = time.time()
         time.sleep(1.0)  # traffic after the rollback: all on the baseline, none fails
     assert rollout.state == "failed", rollout.outcome
-    assert [(h.bps, h.outcome) for h in rollout.history] == [(1000, "failed")]
-    failing = {g.gate for g in rollout.history[0].gates if g.verdict == "fail"}
+    # Rolled back at the first step whose data shows it: normally 10%; on a loaded machine the
+    # baseline's own latency can hide a slow candidate for a step, which must then have passed.
+    *passed, failed = rollout.history
+    assert failed.outcome == "failed" and all(h.outcome == "passed" for h in passed), rollout.history
+    assert len(passed) <= (1 if gate == "p99_latency" else 0), rollout.history
+    failing = {g.gate for g in failed.gates if g.verdict == "fail"}
     assert failing == {gate}, rollout.outcome
-    assert rollout.outcome.startswith(f"failed at step 1/3 (10%): {gate}:")
+    assert rollout.outcome.startswith("failed at step ") and f": {gate}:" in rollout.outcome
     assert ops.split(model) == {"1": 10000} and ops.shadows(model) == {}
     last = ops.history(model)[-1]
     assert (last.who, last.action) == ("rollout", "rollback") and f"{gate} FAIL" in last.why
