@@ -189,14 +189,24 @@ def build_identity_repository(repo: Path) -> Path:
     return repo
 
 
-def slow_identity_graph(width: int = 64, hidden: int = 2048) -> onnx.GraphProto:
-    """Answers exactly what an FP32 identity of `width` answers, after `heavy_graph`'s milliseconds of
-    compute (its result is multiplied by zero and added): a slow candidate that agrees and never fails."""
+def slow_identity_graph(width: int = 64, hidden: int = 2048, repeats: int = 6) -> onnx.GraphProto:
+    """Answers exactly what an FP32 identity of `width` answers, after `heavy_graph`'s middle layers run
+    `repeats` times (tens of milliseconds: slow enough to show above a loaded machine's noise); their
+    result is multiplied by zero and added: a slow candidate that agrees and never fails."""
     heavy = heavy_graph(width, hidden)
+    w_in, w_a, w_b, w_out = (w.name for w in heavy.initializer)
+    nodes = [helper.make_node("MatMul", ["x", w_in], ["h0"])]
+    for r in range(repeats):
+        nodes += [
+            helper.make_node("MatMul", [f"h{2 * r}", w_a], [f"h{2 * r + 1}"]),
+            helper.make_node("MatMul", [f"h{2 * r + 1}", w_b], [f"h{2 * r + 2}"]),
+        ]
     zero = numpy_helper.from_array(np.zeros(width, dtype=np.float32), "zero")
-    nodes = [*heavy.node]
-    nodes[-1].output[0] = "heavy"
-    nodes += [helper.make_node("Mul", ["heavy", "zero"], ["nothing"]), helper.make_node("Add", ["x", "nothing"], ["y"])]
+    nodes += [
+        helper.make_node("MatMul", [f"h{2 * repeats}", w_out], ["heavy"]),
+        helper.make_node("Mul", ["heavy", "zero"], ["nothing"]),
+        helper.make_node("Add", ["x", "nothing"], ["y"]),
+    ]
     return helper.make_graph(
         nodes,
         "slow_identity",
