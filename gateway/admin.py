@@ -568,25 +568,27 @@ class AdminServicer:
         rollout = self._rollouts.start(_plan(request), who=identity.name, why=request.reason)
         return self._rollout_response(rollout)
 
+    def _operate(self, context: grpc.aio.ServicerContext, request: Any, action: str) -> Any:
+        """An operator's pause, resume, abort or promote: the RolloutManager method of that name."""
+        identity = self._rollout_action(context, request, action)
+        operate = getattr(self._rollouts, action)
+        return self._rollout_response(operate(request.model, who=identity.name, why=request.reason))
+
     @refusals_answered(pb.RolloutResponse)
     async def PauseRollout(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        identity = self._rollout_action(context, request, "pause")
-        return self._rollout_response(self._rollouts.pause(request.model, who=identity.name, why=request.reason))
+        return self._operate(context, request, "pause")
 
     @refusals_answered(pb.RolloutResponse)
     async def ResumeRollout(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        identity = self._rollout_action(context, request, "resume")
-        return self._rollout_response(self._rollouts.resume(request.model, who=identity.name, why=request.reason))
+        return self._operate(context, request, "resume")
 
     @refusals_answered(pb.RolloutResponse)
     async def AbortRollout(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        identity = self._rollout_action(context, request, "abort")
-        return self._rollout_response(self._rollouts.abort(request.model, who=identity.name, why=request.reason))
+        return self._operate(context, request, "abort")
 
     @refusals_answered(pb.RolloutResponse)
     async def PromoteRollout(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        identity = self._rollout_action(context, request, "promote")
-        return self._rollout_response(self._rollouts.promote(request.model, who=identity.name, why=request.reason))
+        return self._operate(context, request, "promote")
 
     # --- ground truth: operators submit, viewers read the quality it shows ---------------------------
 
