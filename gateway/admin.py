@@ -32,8 +32,8 @@ from gateway.requestlog.reader import LogReader, Query
 from gateway.requestlog.record import encode
 from gateway.servicer import refusals_answered, reject
 from gateway.shadows import ShadowRunner
-from gateway.stats import Traffic
 from gateway.tls import CertificateCaller
+from gateway.workerboard import GatewayTraffic
 from router.analysis import GateResult, Thresholds
 from router.control import RouteControl
 from router.rollout import Plan, Rollout, RolloutManager
@@ -230,7 +230,7 @@ class AdminServicer:
         tokens: TokenStore,
         shadows: ShadowRunner,
         log_reader: LogReader,
-        traffic: Traffic,
+        traffic: GatewayTraffic,
         lifecycle: ModelLifecycle,
         rollouts: RolloutManager,
         certificate_caller: CertificateCaller | None = None,
@@ -314,7 +314,7 @@ class AdminServicer:
         self._caller(context, "viewer", "GetRoutes")
         models = [request.model] if request.model else sorted(self._repository.models)
         routes = [self._route_message(m) for m in models]
-        return pb.GetRoutesResponse(routes=routes, table_version=self._routes.table.version)
+        return pb.GetRoutesResponse(routes=routes, table_version=self._routes.current().version)
 
     def _known(self, model: str, required: bool = False) -> None:
         """NOT_FOUND for a model the repository does not have; an empty name means all, where allowed."""
@@ -361,6 +361,9 @@ class AdminServicer:
         window_s = request.window_s or DEFAULT_STATUS_WINDOW_S
         now = time.time_ns()
         response = pb.GetStatusResponse(window_s=window_s)
+        workers = self._traffic.workers()
+        summaries = self._traffic.summaries(now, window_s)
+        alerts = self._traffic.drift_alerts()
         for model in [request.model] if request.model else sorted(self._repository.models):
             status = response.models.add(
                 model=model,
@@ -371,19 +374,27 @@ class AdminServicer:
                 if name == model:
                     status.refused[limit] = count
             for version in self._repository.versions_of(model).values():
-                report = version.drift_report
+                drifting = alerts.get((model, version.version))
                 status.versions.add(
                     version=version.version,
                     state=version.state,
                     reason=version.reason,
                     has_profile=version.ood is not None,
-                    drift_alert=bool(report and report.alert),
-                    drifting_features=list(report.drifting_features) if report else [],
+                    drift_alert=drifting is not None,
+                    drifting_features=drifting or [],
                 )
-            for (name, version_name, role), recent in sorted(self._traffic.recent.items()):
+            for (name, version_name, role), summary in summaries.items():
                 if name == model:
-                    summary = recent.summary(now, window_s)
                     status.traffic.add(version=version_name, role=role, **summary._asdict())
+        for worker in workers:
+            status_of = response.workers.add(
+                slot=worker.slot,
+                pid=worker.pid,
+                started_ns=worker.started_ns,
+                updated_ns=worker.updated_ns,
+                restarts=worker.restarts,
+            )
+            status_of.requests = sum(c.requests for (_, _, role), c in worker.counts.items() if role == "primary")
         return response
 
     @refusals_answered(pb.GetDriftResponse)

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -424,7 +425,9 @@ def _status(args: argparse.Namespace) -> Result:
         }
         for m in response.models
     ]
-    return {"window_s": response.window_s, "models": models}, _status_text
+    worker_fields = ("slot", "pid", "started_ns", "updated_ns", "restarts", "requests")
+    workers = [{f: getattr(w, f) for f in worker_fields} for w in response.workers]
+    return {"window_s": response.window_s, "models": models, "workers": workers}, _status_text
 
 
 def _status_text(doc: Document) -> str:
@@ -461,6 +464,21 @@ def _status_text(doc: Document) -> str:
         refused = ", ".join(f"{limit} {count}" for limit, count in m["refused"].items())
         tail = f"\nrefused by limits since start: {refused}" if refused else ""
         blocks.append(head + "\n" + table((*headers, "DRIFT"), rows) + tail)
+    if doc["workers"]:
+        now_ns = time.time_ns()
+        rows = [
+            (
+                w["slot"],
+                w["pid"],
+                f"{(now_ns - w['started_ns']) / 1e9:.0f} s",
+                f"{max(0, now_ns - w['updated_ns']) / 1e9:.1f} s ago",
+                w["restarts"],
+                w["requests"],
+            )
+            for w in doc["workers"]
+        ]
+        worker_headers = ("WORKER", "PID", "UP", "FIGURES", "RESTARTS", "REQUESTS")
+        blocks.append(f"{len(rows)} workers (figures above summed over them)\n" + table(worker_headers, rows))
     return f"last {doc['window_s']:g} s of traffic\n\n" + "\n\n".join(blocks)
 
 

@@ -16,6 +16,7 @@ from gateway.requestlog import commands as log_commands
 def _serve(args: argparse.Namespace) -> int:
     from gateway import eventloop
     from gateway.server import serve
+    from gateway.supervisor import Supervisor
 
     config = config_module.with_overrides(
         config_module.load(args.config),
@@ -25,8 +26,11 @@ def _serve(args: argparse.Namespace) -> int:
         repository_path=args.model_repository,
         log_dir=args.log_dir,
         metrics_port=args.metrics_port,
+        workers=args.workers,
     )
     logging.basicConfig(level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.worker_count > 1:
+        return Supervisor(config, config.worker_count, use_uvloop=not args.asyncio_loop).run()
     eventloop.run(serve(config), use_uvloop=not args.asyncio_loop)
     return 0
 
@@ -49,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", help="where the gateway keeps its state (default ./gateway-state)")
     serve.add_argument("--log-dir", help="the request log directory (default <state-dir>/log)")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics")
+    serve.add_argument(
+        "--workers", type=int, help="serving processes sharing the port (default: one per core; 1: no supervisor)"
+    )
     serve.add_argument("--asyncio-loop", action="store_true", help="use asyncio's event loop instead of uvloop")
     serve.set_defaults(func=_serve)
 

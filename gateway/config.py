@@ -33,8 +33,14 @@ class ServerConfig:
     stream_max_in_flight: int = 64  # ModelStreamInfer: requests read but not yet answered, per stream
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     state_dir: str = "gateway-state"
+    workers: int = 0  # serving processes sharing the port; 0: one per core this process may use
+    route_poll_ms: float = 5.0  # a route change made by another process is obeyed within this
 
     def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ConfigError(f"server.workers: must be 0 (one per core) or more, got {self.workers}")
+        if self.route_poll_ms <= 0:
+            raise ConfigError(f"server.route_poll_ms: must be positive, got {self.route_poll_ms}")
         if self.stream_max_in_flight < 1:
             raise ConfigError(f"server.stream_max_in_flight: must be at least 1, got {self.stream_max_in_flight}")
 
@@ -222,6 +228,14 @@ class GatewayConfig:
 
     def serving(self, model: str) -> ModelServingConfig:
         return self.models.get(model, self.model_defaults)
+
+    @property
+    def worker_count(self) -> int:
+        return self.server.workers or len(os.sched_getaffinity(0))
+
+    @property
+    def workers_dir(self) -> Path:
+        return Path(self.server.state_dir) / "workers"
 
     @property
     def log_dir(self) -> Path:

@@ -337,7 +337,7 @@ class InferenceService:
                 raise DeadlineExceeded(
                     "deadline: passed before the gateway began to process the request; not run", limit="deadline"
                 )
-            table = self._routes.table  # one snapshot for the whole decision
+            table = self._routes.current()  # one snapshot for the whole decision
             routing_key = _routing_key(table.sticky_key(request.model_name), request)
             record.routing_key = routing_key
             available = self.repository.ready_versions(request.model_name)

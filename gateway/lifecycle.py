@@ -18,7 +18,7 @@ from gateway.errors import AlreadyExists, FailedPrecondition, NotFound
 from gateway.repository import ModelRepository, ModelVersion
 from router.control import RouteControl
 from router.rules import highest
-from router.store import ChangeEntry
+from router.store import MODEL_ACTIONS, ChangeEntry
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,14 @@ WATCHER = "repository-watch"
 
 
 class ModelLifecycle:
-    def __init__(self, repository: ModelRepository, routes: RouteControl) -> None:
+    def __init__(self, repository: ModelRepository, routes: RouteControl, worker: str = "") -> None:
         self._repository = repository
         self._routes = routes
+        self._worker = worker  # with several workers: who made a change, so the others follow it
         self._lock = asyncio.Lock()
+
+    def _details(self, version: str, sha256: str) -> dict[str, str]:
+        return {"version": version, "sha256": sha256} | ({"worker": self._worker} if self._worker else {})
 
     async def load(
         self, name: str, version: str, *, who: str, why: str, replace: bool = False, force_signature: bool = False
@@ -55,7 +59,7 @@ class ModelLifecycle:
                     f"model {name!r} version {version!r}: the file is unchanged (sha256 {current.sha256[:12]})"
                 )
             replaced = self._repository.publish(prepared)
-            details = {"version": version, "sha256": prepared.sha256}
+            details = self._details(version, prepared.sha256)
             if replaced is not None and replaced.model is not None:
                 details["replaced_sha256"] = replaced.sha256
                 entry = self._routes.record(name, "replace", who=who, why=why, details=details)
@@ -73,7 +77,7 @@ class ModelLifecycle:
                 raise NotFound(f"model {name!r} has no version {version!r} loaded")
             self._check_unused(found)
             self._repository.withdraw(found)
-            details = {"version": version, "sha256": found.sha256}
+            details = self._details(version, found.sha256)
             entry = self._routes.record(name, "unload", who=who, why=why, details=details)
             await self._retire(found)
             log.info("model %s version %s unloaded by %s: %s", name, version, who, why)
@@ -93,15 +97,47 @@ class ModelLifecycle:
             for version in versions:
                 self._repository.withdraw(version)
             entries = [
-                self._routes.record(
-                    name, "unload", who=who, why=why, details={"version": v.version, "sha256": v.sha256}
-                )
+                self._routes.record(name, "unload", who=who, why=why, details=self._details(v.version, v.sha256))
                 for v in versions
             ]
             for version in versions:
                 await self._retire(version)
             log.info("model %s unloaded (all %d versions) by %s: %s", name, len(versions), who, why)
             return entries
+
+    async def follow(self, entries: list[ChangeEntry]) -> None:
+        """Do what another worker did: its loads, replaces and unloads, read from the change log, so that
+        every worker serves the same versions (the same files, checked by sha256). Not logged again."""
+        for entry in entries:
+            details = entry.details or {}
+            if entry.action not in MODEL_ACTIONS or details.get("worker", self._worker) == self._worker:
+                continue
+            name, version, sha256 = entry.model, details["version"], details["sha256"]
+            async with self._lock:
+                current = self._repository.models.get(name, {}).get(version)
+                if entry.action == "unload":
+                    if current is not None and current.sha256 == sha256:
+                        self._repository.withdraw(current)
+                        await self._retire(current)
+                        log.info("model %s version %s unloaded, following change %d", name, version, entry.seq)
+                    continue
+                if current is not None and current.sha256 == sha256 and current.ready:
+                    continue
+                try:
+                    prepared = await asyncio.to_thread(self._repository.prepare, name, version, True)
+                except (FailedPrecondition, NotFound) as e:
+                    log.error("model %s version %s: cannot follow change %d: %s", name, version, entry.seq, e)
+                    continue
+                if prepared.sha256 != sha256:
+                    prepared.close()
+                    log.error(
+                        "model %s version %s changed on disk since change %d; not loaded", name, version, entry.seq
+                    )
+                    continue
+                replaced = self._repository.publish(prepared)
+                if replaced is not None and replaced.model is not None:
+                    await self._retire(replaced)
+                log.info("model %s version %s loaded, following change %d", name, version, entry.seq)
 
     def in_use(self, version: ModelVersion) -> str:
         """Why a route still needs `version` ('' when none does)."""

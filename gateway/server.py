@@ -9,10 +9,11 @@ period, and exits 0.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,6 +36,7 @@ from gateway.shadows import ShadowRunner
 from gateway.stats import Traffic
 from gateway.telemetry import Observe, RequestMetrics
 from gateway.tls import CertificateCaller, CertificateFiles, is_loopback
+from gateway.workerboard import PUBLISH_INTERVAL_S, Agreement, AgreementKey, GatewayTraffic, WorkerBoard, WorkerIdentity
 from router.control import RouteControl
 from router.rollout import RolloutManager, RolloutStore
 from router.store import RouteStore
@@ -47,23 +49,48 @@ WATCH_INTERVAL_S = 1.0
 ROLLOUT_TICK_S = 0.2  # how often rollouts are judged: a bad candidate is rolled back within this of the evidence
 
 
-class Gateway:
-    """The one application object: the repository, the core service and the gRPC server."""
+def _worker_config(config: GatewayConfig, worker: WorkerIdentity | None) -> GatewayConfig:
+    """A worker's own view: its Prometheus endpoint on the configured port plus its slot."""
+    telemetry_config = config.telemetry
+    if worker is None or not telemetry_config.prometheus_port:
+        return config
+    port = telemetry_config.prometheus_port + worker.slot
+    return dataclasses.replace(config, telemetry=dataclasses.replace(telemetry_config, prometheus_port=port))
 
-    def __init__(self, config: GatewayConfig) -> None:
+
+class Gateway:
+    """The one application object: the repository, the core service and the gRPC server.
+
+    `worker` says which of `serve --workers N`'s processes this is (None: the only one). A worker
+    shares its port with the others, stamps its slot on its log records, publishes its traffic on the
+    worker board so that any worker reports for the whole gateway, and only slot 0 drives rollouts.
+    """
+
+    def __init__(self, config: GatewayConfig, worker: WorkerIdentity | None = None) -> None:
+        config = _worker_config(config, worker)
         self.config = config
+        self.worker = worker
+        slot = None if worker is None else worker.slot
         self.repository = ModelRepository(config)
-        self.request_log = LogWriter(config.log_dir, config.log) if config.log.enabled else None
-        self.routes = RouteControl(RouteStore(config.routes_dir), self.repository.ready_map)
-        self.lifecycle = ModelLifecycle(self.repository, self.routes)
+        self.request_log = LogWriter(config.log_dir, config.log, slot) if config.log.enabled else None
+        self.routes = RouteControl(
+            RouteStore(config.routes_dir), self.repository.ready_map, config.server.route_poll_ms / 1000
+        )
+        self.lifecycle = ModelLifecycle(self.repository, self.routes, "" if worker is None else str(worker.slot))
+        self._followed_seq = self.routes.table.version  # model changes up to here are in the repository
         self.tokens = TokenStore(config.tokens_file)
-        self.telemetry = telemetry.build(config.telemetry)
+        self.telemetry = telemetry.build(config.telemetry, instance="" if worker is None else f"worker-{slot}")
         self.traffic = Traffic()
         self.shadows = ShadowRunner(
             self.repository, self.request_log, config.shadows.max_concurrency, self.traffic, self.telemetry
         )
+        board = None if worker is None else WorkerBoard(config.workers_dir, worker.slot, worker.restarts)
+        self.gateway_traffic = GatewayTraffic(self.traffic, self._own_agreement, self._own_drift_alerts, board)
         self.rollouts = RolloutManager(
-            RolloutStore(config.rollouts_dir), self.routes, self.traffic.counts, self._shadow_counts
+            RolloutStore(config.rollouts_dir),
+            self.routes,
+            self.gateway_traffic.counts,
+            self.gateway_traffic.agreement,
         )
         auth = config.auth
         self.service = InferenceService(
@@ -107,7 +134,7 @@ class Gateway:
             self.tokens,
             self.shadows,
             self.log_reader,
-            self.traffic,
+            self.gateway_traffic,
             self.lifecycle,
             self.rollouts,
             certificate_caller,
@@ -132,9 +159,15 @@ class Gateway:
                 [ADMIN_SERVICE, reflection.SERVICE_NAME], self.admin_server, pool=protocol.POOL
             )
 
-    def _shadow_counts(self, model: str, primary: str, shadow: str) -> tuple[int, int, int]:
-        stat = self.shadows.agreement.get((model, primary, shadow))
-        return (0, 0, 0) if stat is None else (stat.compared, stat.agreed, stat.failed)
+    def _own_agreement(self) -> dict[AgreementKey, Agreement]:
+        return {key: (s.compared, s.agreed, s.failed, s.shed) for key, s in list(self.shadows.agreement.items())}
+
+    def _own_drift_alerts(self) -> dict[tuple[str, str], list[str]]:
+        return {
+            (v.name, v.version): list(v.drift_report.drifting_features)
+            for v in self.repository.all_versions()
+            if v.drift_report is not None and v.drift_report.alert
+        }
 
     def _observe(self, metrics: RequestMetrics) -> None:
         """Metrics read at export time from figures the gateway keeps anyway."""
@@ -230,6 +263,11 @@ class Gateway:
             "gateway.log.queue_depth", "gauge", "answers waiting for their log commit", "{record}", log_queue
         )
         metrics.observe("gateway.model.warmup.duration", "gauge", "one warm-up run of a version", "s", warm_up)
+        if self.worker is not None:
+            restarts = [(float(self.worker.restarts), {"worker": str(self.worker.slot)})]
+            metrics.observe(
+                "gateway.worker.restarts", "counter", "restarts of this worker's slot", "{restart}", lambda: restarts
+            )
 
     def _listen(self, port: int) -> tuple[grpc.aio.Server, int]:
         limit = self.config.server.max_message_bytes
@@ -237,7 +275,8 @@ class Gateway:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),  # a second gateway on the same port is a mistake, not a peer
+                # Workers share their port; otherwise a second gateway on the same port is a mistake.
+                ("grpc.so_reuseport", int(self.worker is not None)),
             ]
         )
         address = f"{self.config.server.host}:{port}"
@@ -257,20 +296,26 @@ class Gateway:
             await self.health.set(service, status)
 
     async def _watch_changes(self) -> None:
-        """Pick up route edits and token changes made by other processes (the CLI on the state dir)."""
+        """Pick up route edits, token changes and (with several workers) model loads and unloads made by
+        other processes: the CLI on the state dir, the other workers."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
             try:
                 if self.routes.refresh():
                     log.info("route table changed on disk: now version %d", self.routes.table.version)
                 self.tokens.refresh()
+                if self.worker is not None and self.routes.table.version != self._followed_seq:
+                    entries = [e for e in self.routes.history(None, None, None) if e.seq > self._followed_seq]
+                    self._followed_seq = max((e.seq for e in entries), default=self._followed_seq)
+                    await self.lifecycle.follow(entries)
             except Exception:
-                log.exception("cannot refresh routes or tokens; keeping the current ones")
+                log.exception("cannot refresh routes, tokens or models; keeping the current ones")
 
     async def _watch_repository(self) -> None:
-        """Load version directories that appear in the model repository while the gateway runs."""
+        """Load version directories that appear in the model repository while the gateway runs (with
+        several workers, slot 0 loads them and the others follow its change-log entries)."""
         interval = self.config.repository.watch_interval_s
-        if interval <= 0:
+        if interval <= 0 or (self.worker is not None and self.worker.slot != 0):
             return
         while True:
             await asyncio.sleep(interval)
@@ -351,7 +396,12 @@ class Gateway:
             self.fairness_alerts, self.quality_reports = alerts, reports
 
     async def _drive_rollouts(self) -> None:
-        """Judge running rollouts: step, promote or roll back (router.rollout decides, this only ticks)."""
+        """Judge running rollouts: step, promote or roll back (router.rollout decides, this only ticks).
+
+        With several workers only slot 0 drives, on every worker's figures; the others pick up its
+        decisions from the stores."""
+        if self.worker is not None and self.worker.slot != 0:
+            return
         while True:
             await asyncio.sleep(ROLLOUT_TICK_S)
             try:
@@ -359,7 +409,18 @@ class Gateway:
             except Exception:
                 log.exception("rollout tick failed; trying again at the next tick")
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def _publish_worker_state(self) -> None:
+        """Put this worker's figures on the worker board for the others (with several workers)."""
+        if self.gateway_traffic.board is None:
+            return
+        while True:
+            await asyncio.sleep(PUBLISH_INTERVAL_S)
+            try:
+                self.gateway_traffic.publish()
+            except Exception:
+                log.exception("cannot publish to the worker board; trying again in %.0f s", PUBLISH_INTERVAL_S)
+
+    async def run(self, stop: asyncio.Event, on_ready: Callable[[], None] | None = None) -> None:
         await self._set_serving(False)
         await self.server.start()
         security = "plaintext" if self.tls is None else "mTLS" if self.tls.mutual else "TLS"
@@ -379,7 +440,10 @@ class Gateway:
             loading.result()
             await self._set_serving(self.repository.ready)
             log.info("ready: %d model versions loaded", sum(v.ready for v in self.repository.all_versions()))
+            if on_ready is not None:
+                on_ready()
         watching = [
+            asyncio.create_task(self._publish_worker_state()),
             asyncio.create_task(self._watch_changes()),
             asyncio.create_task(self._watch_drift()),
             asyncio.create_task(self._watch_repository()),
@@ -397,6 +461,9 @@ class Gateway:
         if not loading.done():
             await loading  # let warm-up finish so its thread does not outlive the sessions
         await self.shadows.drain()
+        if self.gateway_traffic.board is not None:
+            self.gateway_traffic.publish()  # a restarted worker carries on from these totals
+            self.gateway_traffic.board.close()
         if self.request_log is not None:
             await self.request_log.close()
         self.rollouts.close()
@@ -409,10 +476,12 @@ class Gateway:
         log.info("stopped")
 
 
-async def serve(config: GatewayConfig) -> None:
-    gateway = Gateway(config)
+async def serve(
+    config: GatewayConfig, worker: WorkerIdentity | None = None, on_ready: Callable[[], None] | None = None
+) -> None:
+    gateway = Gateway(config, worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await gateway.run(stop)
+    await gateway.run(stop, on_ready)

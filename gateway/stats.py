@@ -53,6 +53,21 @@ class Counts(NamedTuple):
         latency = self.latency
         return sum(count for b, count in enumerate(latency) if b and bucket_upper_ns(b - 1) >= limit_ns)
 
+    def summary(self, span_s: float) -> TrafficSummary:
+        """These counts as a status line over `span_s` seconds (latency quantiles of answered requests)."""
+        n = self.requests
+        if not n:
+            return TrafficSummary(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0)
+        return TrafficSummary(
+            requests=n,
+            rate_per_s=n / max(span_s, 1e-3),
+            error_rate=self.errors / n,
+            p50_ms=self.latency_quantile_ms(0.5),
+            p99_ms=self.latency_quantile_ms(0.99),
+            ood_rate=self.ood_flagged / self.ood_scored if self.ood_scored else 0.0,
+            scored=self.ood_scored,
+        )
+
     def latency_quantile_ms(self, q: float) -> float:
         """The q-quantile of latency in ms, read as its bucket's upper bound (0.0 without requests)."""
         total = sum(self.latency)
@@ -222,3 +237,10 @@ class Traffic:
         """Cumulative figures of (model, version, role); zeros before its first request."""
         recent = self.recent.get((model, version, role))
         return Counts() if recent is None else recent.counts()
+
+    def all_counts(self) -> dict[tuple[str, str, str], Counts]:
+        return {key: recent.counts() for key, recent in list(self.recent.items())}
+
+    def summaries(self, now_ns: int, window_s: float) -> dict[tuple[str, str, str], TrafficSummary]:
+        """Each (model, version, role)'s requests that ended in the last `window_s` seconds, summarised."""
+        return {key: recent.summary(now_ns, window_s) for key, recent in sorted(self.recent.items())}

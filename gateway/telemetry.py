@@ -322,8 +322,11 @@ class Telemetry:
         config: TelemetryConfig,
         span_exporter: SpanExporter | None = None,
         metric_reader: MetricReader | None = None,
+        instance: str = "",
     ) -> None:
-        resource = Resource.create({"service.name": config.service_name})
+        # Each worker of `serve --workers N` exports its own series, told apart by service.instance.id.
+        attributes = {"service.name": config.service_name} | ({"service.instance.id": instance} if instance else {})
+        resource = Resource.create(attributes)
         self._tracer_provider: TracerProvider | None = None
         self._meter_provider: MeterProvider | None = None
         self._http_server: Any = None  # the Prometheus scrape endpoint, when metrics = "prometheus"
@@ -363,11 +366,11 @@ class Telemetry:
             self._http_server.shutdown()
 
 
-def build(config: TelemetryConfig) -> Telemetry | None:
+def build(config: TelemetryConfig, instance: str = "") -> Telemetry | None:
     """The gateway's telemetry, or None when `[telemetry]` turns everything off (the default)."""
     if config.traces == "none" and config.metrics == "none":
         return None
-    return Telemetry(config)
+    return Telemetry(config, instance=instance)
 
 
 def _span_exporter(config: TelemetryConfig) -> SpanExporter | None:

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench_core import HOST, choose_placement, running
+from bench_core import choose_placement, gateway_argv, running
 from loadgen import LoadResult, LoadSpec, run_load
 from models import MODEL_NAME, VersionedOutputCheck, build_infer_request, build_repository
 
@@ -65,7 +65,7 @@ def main() -> int:
     config = workdir / "gateway.toml"
     config.write_text("[repository]\nwatch_interval_s = 0\n")
     state = workdir / "state"
-    command = [sys.executable, "-m", "gateway", "serve", "--model-repository", str(repository), "--host", HOST]
+    command = gateway_argv(repository)
     command += ["--state-dir", str(state), "--config", str(config)]
     body = build_infer_request()
     print(f"placement: {placement.description}; work directory {workdir}", flush=True)

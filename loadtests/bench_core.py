@@ -123,11 +123,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process, all its threads included."""
+def _stat_fields(pid: int) -> list[str]:
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14 and 15)
+        return f.read().rpartition(")")[2].split()  # fields from 3 (state) on; the name may hold spaces
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, all its threads and its live descendants included (the workers
+    of `serve --workers N` are children of its supervisor)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                children.setdefault(int(_stat_fields(int(entry))[1]), []).append(int(entry))  # ppid
+            except OSError:
+                continue  # exited while we looked
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = _stat_fields(current)
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14 and 15)
+        pending.extend(children.get(current, []))
+    return total
 
 
 def model_statistics(channel: grpc.Channel) -> tuple[int, int] | None:
@@ -229,10 +249,27 @@ def running(
         server.stop()
 
 
+def gateway_argv(repository: Path, workers: int = 1) -> list[str]:
+    """`canary-gateway serve` on `repository` (without --port), one worker unless told otherwise."""
+    return [
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--workers",
+        str(workers),
+        "--model-repository",
+        str(repository),
+    ] + [
+        "--host",
+        HOST,
+    ]
+
+
 def server_commands(repository: Path, gateway_config: Path | None) -> list[tuple[str, list[str]]]:
     """(label, argv without --port) for each server, in the order they are measured."""
     python = sys.executable
-    gateway = [python, "-m", "gateway", "serve", "--model-repository", str(repository), "--host", HOST]
+    gateway = gateway_argv(repository)
     if gateway_config is not None:
         gateway += ["--config", str(gateway_config.resolve())]
     minimal = [python, str(HERE / "minimal_v2_server.py"), "--model-repository", str(repository), "--host", HOST]

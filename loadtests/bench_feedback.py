@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import grpc
-from bench_core import HOST, choose_placement, running
+from bench_core import choose_placement, gateway_argv, running
 from loadgen import LoadSpec, run_load
 from models import INPUT_NAME, MODEL_NAME, OutputCheck, build_infer_request, build_repository, sample_input
 
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         repository = build_repository(workdir / "models")
-        argv_ = [sys.executable, "-m", "gateway", "serve", "--model-repository", str(repository), "--host", HOST]
+        argv_ = gateway_argv(repository)
         argv_ += ["--state-dir", str(workdir / "state")]
         with running("gateway", argv_, placement, workdir) as server:
             body = build_infer_request()

@@ -28,10 +28,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import bench_core
 import grpc
 import numpy as np
 import onnx
-from bench_core import HOST, Placement, Server, choose_placement, gateway_source, running
+from bench_core import Placement, Server, choose_placement, gateway_source, running
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loadgen import ClientTls, LoadResult, LoadSpec
 from models import OutputCheck, build_infer_request, build_repository
@@ -91,8 +92,7 @@ def answered(body: bytes) -> bool:
 
 
 def gateway_argv(repository: Path, state_dir: Path, config: Path) -> list[str]:
-    serve = [sys.executable, "-m", "gateway", "serve", "--model-repository", str(repository), "--host", HOST]
-    return [*serve, "--state-dir", str(state_dir), "--config", str(config)]
+    return [*bench_core.gateway_argv(repository), "--state-dir", str(state_dir), "--config", str(config)]
 
 
 def wait_ready_tls(target: str, tls: ClientTls) -> None:

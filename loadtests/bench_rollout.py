@@ -73,8 +73,8 @@ class Load(threading.Thread):
 
 
 def start_gateway(repository: Path, state: Path) -> tuple[subprocess.Popen[str], str]:
-    command = [sys.executable, "-m", "gateway", "serve", "--model-repository", str(repository), "--port", "0"]
-    process = subprocess.Popen([*command, "--state-dir", str(state)], stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "gateway", "serve", "--workers", "1", "--model-repository", str(repository)]
+    process = subprocess.Popen([*command, "--port", "0", "--state-dir", str(state)], stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
     for line in process.stderr:
         match = re.search(r"listening on ([\d.]+:\d+)", line)

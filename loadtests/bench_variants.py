@@ -72,6 +72,7 @@ from bench_core import (
     Server,
     ServerFigures,
     choose_placement,
+    gateway_argv,
     gateway_source,
     median_table,
     point_notes,
@@ -383,7 +384,7 @@ def run_variant(
     state_dir = workdir / f"state-r{number}-{variant.name}"
     config = workdir / f"{variant.name}.toml"
     config.write_text(variant_config(variant, args.gateway_config, otlp_endpoint))
-    command = [sys.executable, "-m", "gateway", "serve", "--model-repository", str(repository), "--host", HOST]
+    command = gateway_argv(repository)
     command += ["--state-dir", str(state_dir), "--config", str(config)]
     label = f"{variant.name} r{number}"
     routing_check = None

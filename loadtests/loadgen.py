@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -101,6 +102,8 @@ class LoadSpec:
     streaming: bool = False  # ModelStreamInfer: one stream per process carrying its callers' requests
     rate_per_s: float = 0.0  # > 0: open loop at this total rate; concurrency bounds the outstanding calls
     tls: ClientTls | None = None
+    connections: int = 1  # per process: closed-loop callers spread over this many connections (SO_REUSEPORT
+    # gives each connection to one worker, so a multi-worker gateway needs several to use all of them)
 
     def __post_init__(self) -> None:
         if (self.duration_s is None) == (self.requests is None):
@@ -314,18 +317,25 @@ def _with_id(body: bytes, request_id: str) -> bytes:
     return bytes(request.SerializeToString())
 
 
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # else channels to one target share a connection
+
+
 def _channel(spec: LoadSpec) -> grpc.aio.Channel:
     if spec.tls is None:
-        return grpc.aio.insecure_channel(spec.target)
+        return grpc.aio.insecure_channel(spec.target, options=OWN_CONNECTION)
     credentials = grpc.ssl_channel_credentials(
         spec.tls.root_certificates, spec.tls.private_key, spec.tls.certificate_chain
     )
-    return grpc.aio.secure_channel(spec.target, credentials)
+    return grpc.aio.secure_channel(spec.target, credentials, options=OWN_CONNECTION)
 
 
 async def _drive(spec: LoadSpec, callers: int, requests: int | None, barrier: Barrier, first_key: int) -> _Report:
-    async with _channel(spec) as channel:
-        await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
+    async with contextlib.AsyncExitStack() as stack:
+        count = 1 if spec.streaming or spec.rate_per_s else max(1, min(spec.connections, callers))
+        channels = [await stack.enter_async_context(_channel(spec)) for _ in range(count)]
+        channel = channels[0]
+        for each in channels:
+            await asyncio.wait_for(each.channel_ready(), CONNECT_TIMEOUT_S)
         barrier.wait(CONNECT_TIMEOUT_S)  # every process starts its clock together
         cpu_start = time.process_time()
         loop = _ClosedLoop(spec, requests, first_key)
@@ -335,8 +345,8 @@ async def _drive(spec: LoadSpec, callers: int, requests: int | None, barrier: Ba
             share = spec.rate_per_s * callers / spec.concurrency
             await loop.open_loop(channel.unary_unary(spec.method), share, callers)
         else:
-            call = channel.unary_unary(spec.method)
-            await asyncio.gather(*(loop.caller(call) for _ in range(callers)))
+            calls = [each.unary_unary(spec.method) for each in channels]
+            await asyncio.gather(*(loop.caller(calls[i % len(calls)]) for i in range(callers)))
         return loop.report(time.process_time() - cpu_start)
 
 
@@ -473,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="open loop: requests per second in total (--concurrency: most outstanding)",
     )
+    parser.add_argument(
+        "--connections", type=int, default=1, help="per process: spread the callers over this many connections"
+    )
     parser.add_argument("--json", type=Path, help="also write the result to this file")
     return parser
 
@@ -499,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         sticky_header=args.sticky_header,
         streaming=args.streaming,
         rate_per_s=args.rate,
+        connections=args.connections,
     )
     result = run_load(spec)
     print(format_result(result))

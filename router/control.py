@@ -8,22 +8,42 @@ raises before anything is written and leaves the table untouched.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
+
+import lmdb
 
 from gateway.errors import FailedPrecondition
 from router.rules import Route, default_route, highest
 from router.store import Action, Change, ChangeEntry, ModelAction, RouteStore
 from router.table import RouteTable
 
+log = logging.getLogger(__name__)
+
 Ready = Callable[[], Mapping[str, AbstractSet[str]]]
 
 
 class RouteControl:
-    def __init__(self, store: RouteStore, ready: Ready) -> None:
+    def __init__(self, store: RouteStore, ready: Ready, poll_s: float = 0.005) -> None:
         self._store = store
         self._ready = ready  # model -> its ready versions, asked at each edit
+        self._poll_s = poll_s
+        self._next_poll = 0.0
         self.table = self._load()
+
+    def current(self) -> RouteTable:
+        """The table a request routes by: re-read when another process (a worker, the CLI) changed the
+        store, looked at no more often than every `poll_s` (one LMDB read, not one per request)."""
+        now = time.monotonic()
+        if now >= self._next_poll:
+            self._next_poll = now + self._poll_s
+            try:
+                self.refresh()
+            except lmdb.Error:
+                log.exception("cannot read the route table's version; routing by the table held")
+        return self.table
 
     def _load(self) -> RouteTable:
         version, routes = self._store.load()
@@ -67,11 +87,11 @@ class RouteControl:
         return self._store.history(model, since_ns, until_ns)
 
     def route(self, model: str) -> Route | None:
-        return self.table.route(model)
+        return self.current().route(model)
 
     def effective_route(self, model: str) -> Route:
         """The model's route, or for a model without one the default (its highest ready version)."""
-        route = self.table.route(model)
+        route = self.current().route(model)
         if route is not None:
             return route
         available = self._ready().get(model)

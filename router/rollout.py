@@ -214,12 +214,23 @@ class RolloutStore:
 
     def __init__(self, path: str | Path, map_size: int = 1 << 28) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
-        self._env = lmdb.open(str(path), map_size=map_size, max_dbs=1)
+        self._env = lmdb.open(str(path), map_size=map_size, max_dbs=2)
         self._db = self._env.open_db(b"rollouts")
+        self._meta = self._env.open_db(b"meta")
 
     def save(self, rollout: Rollout) -> None:
         with self._env.begin(write=True) as txn:
             txn.put(rollout.id.to_bytes(8, "big"), msgpack.packb(rollout.to_dict()), db=self._db)
+            txn.put(b"version", (self._version(txn) + 1).to_bytes(8, "big"), db=self._meta)
+
+    def version(self) -> int:
+        """Bumped by every save, by any process: a reader reloads only when it moved."""
+        with self._env.begin() as txn:
+            return self._version(txn)
+
+    def _version(self, txn: lmdb.Transaction) -> int:
+        value = txn.get(b"version", db=self._meta)
+        return 0 if value is None else int.from_bytes(value, "big")
 
     def load(self) -> list[Rollout]:
         with self._env.begin() as txn:
@@ -255,13 +266,22 @@ class RolloutManager:
         self._measure = measure
         self._compare = compare
         self._now = now
+        self._loaded_version = store.version()
         self._rollouts = {r.id: r for r in store.load()}
         self._windows: dict[int, _Window] = {}
+
+    def _sync(self) -> None:
+        """Reload the rollouts when another process (another worker) saved one since we looked."""
+        version = self._store.version()
+        if version != self._loaded_version:
+            self._loaded_version = version
+            self._rollouts = {r.id: r for r in self._store.load()}
 
     # --- reading ---------------------------------------------------------------------------------
 
     def rollouts(self, model: str | None = None) -> list[Rollout]:
         """Rollouts, newest first, optionally of one model."""
+        self._sync()
         chosen = [r for r in self._rollouts.values() if model is None or r.plan.model == model]
         return sorted(chosen, key=lambda r: -r.id)
 
@@ -373,6 +393,7 @@ class RolloutManager:
 
     def tick(self) -> None:
         """Judge every running rollout's window; step, promote or roll back where it is time."""
+        self._sync()
         for rollout in list(self._rollouts.values()):
             if rollout.state != "running":
                 continue

@@ -22,16 +22,17 @@ from models import build_repository  # noqa: E402
 from gateway.protocol import Stub  # noqa: E402
 from gateway.protocol import inference as pb  # noqa: E402
 
-LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
+LISTENING = re.compile(r"listening on [\d.]+:(\d+)( \(\d+ workers\))?")  # the supervisor's line: all serve
 
 
 class GatewayProcess:
     """`canary-gateway serve` in a child process; its log is collected for assertions."""
 
-    def __init__(self, repository: Path, config: str | None, tmp: Path) -> None:
+    def __init__(self, repository: Path, config: str | None, tmp: Path, workers: int = 1) -> None:
         self.state_dir = tmp / "state"
         args = [sys.executable, "-m", "gateway", "serve", "--model-repository", str(repository), "--port", "0"]
-        args += ["--state-dir", str(self.state_dir)]
+        args += ["--state-dir", str(self.state_dir), "--workers", str(workers)]
+        self.workers = workers
         if config is not None:
             config_path = tmp / "gateway.toml"
             config_path.write_text(config)
@@ -53,7 +54,7 @@ class GatewayProcess:
         for line in self.process.stderr:
             self.log_lines.append(line)
             match = LISTENING.search(line)
-            if match and not self.port:
+            if match and not self.port and (self.workers == 1 or match.group(2)):
                 self.port = int(match.group(1))
                 self._port_found.set()
 

@@ -18,6 +18,9 @@ import lmdb
 from gateway.requestlog.record import KEY, Record, RecordFormatError, decode, id_key, key_time_ns
 from gateway.requestlog.segments import Segment, list_segments, segment_start_ns
 
+OVERLAP_NS = 1_000_000_000
+"""With several workers, one may write a segment for a few milliseconds after another started the next."""
+
 log = logging.getLogger(__name__)
 
 
@@ -146,7 +149,7 @@ class LogReader:
         paths = list_segments(self.log_dir)
         for segment in self._segments():
             later = [p for p in paths if p > segment.path]
-            if query.since_ns is not None and later and segment_start_ns(later[0]) < query.since_ns:
+            if query.since_ns is not None and later and segment_start_ns(later[0]) + OVERLAP_NS < query.since_ns:
                 continue  # every record here is older than `since` (keys are arrival times, ~ordered)
             if query.until_ns is not None and segment_start_ns(segment.path) > query.until_ns:
                 break

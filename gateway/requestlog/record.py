@@ -77,6 +77,7 @@ class Record:
     sha256: str = ""
     raw_request: bytes | None = None  # the request as received, when it could not be decoded
     segments: dict[str, str] | None = None  # declared `segment.NAME` request parameters (never seen by the model)
+    worker: int | None = None  # the worker process that answered (`serve --workers N`), stamped by the writer
 
 
 def _tensors_out(tensors: list[Tensor]) -> list[list[Any]]:

@@ -75,8 +75,9 @@ class Segment:
         self.env.close()
 
 
-def apply_retention(log_dir: Path, keep: Path, max_bytes: int, max_age_s: float) -> list[Path]:
-    """Delete whole segments, oldest first, beyond the byte or age limit; never `keep` (the live one)."""
+def apply_retention(log_dir: Path, keep: Path, max_bytes: int, max_age_s: float, in_use_s: float = 0.0) -> list[Path]:
+    """Delete whole segments, oldest first, beyond the byte or age limit; never `keep` (the live one),
+    nor a segment that ended less than `in_use_s` ago (other workers may not have left it yet)."""
     segments = [p for p in list_segments(log_dir) if p != keep]
     deleted = []
     now = time.time_ns()
@@ -86,7 +87,7 @@ def apply_retention(log_dir: Path, keep: Path, max_bytes: int, max_age_s: float)
         end_ns = segment_start_ns(segments[i + 1]) if i + 1 < len(segments) else segment_start_ns(keep)
         too_old = max_age_s > 0 and (now - end_ns) / 1e9 > max_age_s
         too_big = max_bytes > 0 and total > max_bytes
-        if not (too_old or too_big):
+        if not (too_old or too_big) or (now - end_ns) / 1e9 < in_use_s:
             break
         total -= segment_bytes(path)
         shutil.rmtree(path, ignore_errors=True)

@@ -5,6 +5,11 @@ before it answers: without fsync a commit costs a few microseconds. Deferring co
 transactions measured worse inside the server (~100 us more per request): suspending and
 resuming every grpc.aio handler costs far more than the transaction it saves.
 
+With several workers (`serve --workers N`) every process writes the same live segment: LMDB
+serialises their write transactions, and one fsync covers every process's commits to the file. A
+rotation takes `rotation.lock` in the log directory, so two workers never start two segments; the
+others adopt the new segment at their next rotation check (within `ROTATION_CHECK_INTERVAL_S`).
+
 `sync = "fsync"` adds group fsync: a syncer thread fsyncs the segment (`mdb_env_sync`) when
 handlers are waiting (after gathering for `fsync_gather_us` when the last fsync covered more than
 one answer) and answers all of them with one fsync, since it covers every commit made before it
@@ -16,9 +21,12 @@ answer without a durable record.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import lmdb
@@ -36,8 +44,9 @@ ROTATION_CHECK_INTERVAL_S = 0.05
 class LogWriter:
     """Owns the live segment; one per process (LMDB serialises writers across processes)."""
 
-    def __init__(self, log_dir: Path, config: LogConfig) -> None:
+    def __init__(self, log_dir: Path, config: LogConfig, worker: int | None = None) -> None:
         self._dir = log_dir
+        self._worker = worker  # stamped on every record: which worker process answered
         self._config = config
         self._map_size = max(config.segment_max_bytes * 2, 1 << 20)
         self._keys = KeyMaker()
@@ -72,18 +81,27 @@ class LogWriter:
 
     # --- segments -------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _rotation_lock(self) -> Iterator[None]:
+        """Held while choosing or starting the live segment: workers never start two at once."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        with open(self._dir / "rotation.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            yield
+
     def _open_latest_or_new(self) -> Segment:
-        segments = list_segments(self._dir)
-        if segments:
-            latest = segments[-1]
-            try:
-                segment = Segment.open(latest, self._map_size)
-                if not self._should_rotate(segment):
-                    return segment
-                segment.close()
-            except lmdb.Error as e:
-                log.error("request log segment %s is damaged (%s); starting a new segment", latest, e)
-        return self._open_new()
+        with self._rotation_lock():
+            segments = list_segments(self._dir)
+            if segments:
+                latest = segments[-1]
+                try:
+                    segment = Segment.open(latest, self._map_size)
+                    if not self._should_rotate(segment):
+                        return segment
+                    segment.close()
+                except lmdb.Error as e:
+                    log.error("request log segment %s is damaged (%s); starting a new segment", latest, e)
+            return self._open_new()
 
     def _open_new(self) -> Segment:
         start = time.time_ns()
@@ -96,16 +114,34 @@ class LogWriter:
         too_old = self._config.segment_max_age_s > 0 and age_s >= self._config.segment_max_age_s
         return too_old or segment.used_bytes() >= self._config.segment_max_bytes
 
-    def _rotate(self) -> None:
-        with self._segment_lock:
+    def _rotate(self, *, due: bool = True) -> None:
+        """Move to the newest segment, starting one if it is `due` for rotation (or there is no newer one).
+
+        Under the log directory's rotation lock: another worker may have rotated already, and then
+        its segment is the one to adopt."""
+        if not due and list_segments(self._dir)[-1:] == [self._segment.path]:
+            return  # the usual case, decided without the lock
+        with self._rotation_lock(), self._segment_lock:
+            latest = list_segments(self._dir)[-1:]
+            newer = latest and latest[0] > self._segment.path
+            if not due and not newer:
+                return
             if self._syncer is not None:
                 self._segment.env.sync(True)  # what the syncer has not covered yet stays durable
             self._segment.close()
-            self._segment = self._open_new()
-        log.info("request log rotated to %s", self._segment.path)
-        apply_retention(
-            self._dir, self._segment.path, self._config.retention_max_bytes, self._config.retention_max_age_s
-        )
+            adopted = Segment.open(latest[0], self._map_size) if newer else None
+            if adopted is not None and self._should_rotate(adopted):
+                adopted.close()
+                adopted = None
+            self._segment = adopted or self._open_new()
+            log.info("request log %s %s", "moved to" if adopted else "rotated to", self._segment.path)
+            apply_retention(
+                self._dir,
+                self._segment.path,
+                self._config.retention_max_bytes,
+                self._config.retention_max_age_s,
+                in_use_s=ROTATION_CHECK_INTERVAL_S * 20 if self._worker is not None else 0.0,
+            )
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -113,6 +149,7 @@ class LogWriter:
         segment = self._segment
         with segment.env.begin(write=True) as txn:
             for record in records:
+                record.worker = self._worker
                 key = self._keys.make(record.ts_ns)
                 value = encode(record)
                 self._bytes_since_check += len(value)
@@ -141,6 +178,9 @@ class LogWriter:
         """One transaction for all records; a full map rotates and retries, never fails them."""
         try:
             self._put_all(records)
+        except lmdb.MapResizedError:  # another worker grew the segment's map: adopt its size, retry
+            self._segment.env.set_mapsize(0)
+            self._put_all(records)
         except lmdb.MapFullError:
             self._put_one_by_one(records)
         self.records_written += len(records)
@@ -151,6 +191,8 @@ class LogWriter:
             self._bytes_since_check = 0
             if self._should_rotate(self._segment):
                 self._rotate()
+            elif self._worker is not None:
+                self._rotate(due=False)  # adopts a segment another worker started, if there is one
 
     def admit(self) -> None:
         """Refuse new work while too many records wait for their commit (checked before any work)."""

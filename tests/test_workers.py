@@ -1,0 +1,247 @@
+"""`serve --workers 2`: two processes on one port, one request log, one route table, one status.
+
+Each new gRPC channel (with its own subchannel pool) is a new connection, and the kernel gives each
+connection to one of the workers listening with SO_REUSEPORT; the log record's `worker` says which
+one answered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import GatewayProcess
+from models import mlp_graph, save_model
+from test_admin_cli import cli
+from test_routing import Admin, _mlp, _split
+
+from gateway.ood.profile import PROFILE_FILE
+from gateway.protocol import Stub, admin
+from gateway.requestlog.reader import LogReader, Query
+from gateway.workerboard import PUBLISH_INTERVAL_S
+
+CONNECTIONS = 24  # all on one worker by chance: 2 * 2**-24
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # else channels to one address share a connection
+
+
+def _channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=OWN_CONNECTION)
+
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("workers-models")
+    save_model(repo, "mlp", "1", mlp_graph(seed=0))
+    save_model(repo, "mlp", "2", mlp_graph(seed=1))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def workers(two_versions: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    # No repository watcher: a version appears only by LoadModel through one worker, which the other follows.
+    config = "[repository]\nwatch_interval_s = 0\n"
+    gateway = GatewayProcess(two_versions, config, tmp_path_factory.mktemp("workers"), workers=2)
+    gateway.wait_ready()
+    yield gateway
+    gateway.stop()
+
+
+def _infer_on_new_connections(address: str, count: int, prefix: str, key: str | None = None) -> dict[str, str]:
+    """Request id → the version that answered, one fresh connection per request."""
+    answered = {}
+    metadata = [("x-user-id", key)] if key else None
+    for i in range(count):
+        with _channel(address) as channel:
+            response = Stub(channel).ModelInfer(_mlp(f"{prefix}-{i}"), metadata=metadata, timeout=10)
+            answered[response.id] = response.model_version
+    return answered
+
+
+def _records(gateway: GatewayProcess, prefix: str) -> list:  # type: ignore[type-arg]
+    reader = LogReader(gateway.state_dir / "log")
+    try:
+        return [r for r in reader.query(Query(model="mlp")) if r.id.startswith(prefix)]
+    finally:
+        reader.close()
+
+
+def _status(gateway: GatewayProcess) -> admin.GetStatusResponse:
+    return Admin(gateway).GetStatus(admin.GetStatusRequest(model="mlp", window_s=600))
+
+
+def test_both_workers_serve_and_log_which_one_answered(workers: GatewayProcess) -> None:
+    answered = _infer_on_new_connections(workers.address, CONNECTIONS, "spread")
+    records = _records(workers, "spread-")
+    assert sorted(r.id for r in records) == sorted(answered)
+    assert {r.worker for r in records} == {0, 1}
+
+
+def test_status_from_any_worker_reports_the_whole_gateway(workers: GatewayProcess) -> None:
+    time.sleep(2 * PUBLISH_INTERVAL_S)  # every earlier request published
+    before = _status(workers)
+    served = {w.slot: w.requests for w in before.workers}
+    _infer_on_new_connections(workers.address, CONNECTIONS, "status")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the other worker publishes its figures every second
+        after = _status(workers)
+        if sum(w.requests for w in after.workers) - sum(served.values()) == CONNECTIONS:
+            break
+        time.sleep(0.2)
+    assert [w.slot for w in after.workers] == [0, 1]
+    assert sum(w.requests for w in after.workers) - sum(served.values()) == CONNECTIONS
+    assert all(w.requests > served[w.slot] for w in after.workers)  # both took some
+    primary = [t for t in after.models[0].traffic if t.role == "primary"]
+    assert sum(t.requests for t in primary) == sum(w.requests for w in after.workers)
+
+
+def test_the_status_command_lists_the_workers(workers: GatewayProcess) -> None:
+    result = cli(workers, "status", "mlp")
+    assert result.returncode == 0, result.stderr
+    assert "2 workers (figures above summed over them)" in result.stdout
+    listed = json.loads(cli(workers, "status", "mlp", "--json").stdout)["workers"]
+    assert [w["slot"] for w in listed] == [0, 1] and all(w["pid"] > 0 for w in listed)
+
+
+def test_a_route_change_through_one_worker_is_obeyed_by_both(workers: GatewayProcess) -> None:
+    ops = Admin(workers)
+    _split(ops, "mlp", "2=10000", "workers test: all to v2")
+    try:
+        answered = _infer_on_new_connections(workers.address, CONNECTIONS, "moved")
+        assert set(answered.values()) == {"2"}
+        assert {r.worker for r in _records(workers, "moved-")} == {0, 1}
+    finally:
+        _split(ops, "mlp", "1=10000", "workers test: back to v1")
+    assert set(_infer_on_new_connections(workers.address, 8, "back").values()) == {"1"}
+
+
+def test_sticky_keys_get_one_version_whichever_worker_serves(workers: GatewayProcess) -> None:
+    ops = Admin(workers)
+    ops.SetSticky(admin.SetStickyRequest(model="mlp", sticky_key="x-user-id", reason="workers sticky test"))
+    _split(ops, "mlp", "1=5000 2=5000", "workers sticky test")
+    try:
+        versions = {key: _infer_on_new_connections(workers.address, 6, f"sticky-{key}", key) for key in "abcdefgh"}
+        assert all(len(set(answers.values())) == 1 for answers in versions.values()), versions
+        assert {v for answers in versions.values() for v in answers.values()} == {"1", "2"}
+        assert {r.worker for r in _records(workers, "sticky-")} == {0, 1}
+    finally:
+        _split(ops, "mlp", "1=10000", "end of workers sticky test")
+        ops.SetSticky(admin.SetStickyRequest(model="mlp", sticky_key="", reason="end of workers sticky test"))
+
+
+def test_a_killed_worker_loses_no_acknowledged_record_and_is_replaced(workers: GatewayProcess) -> None:
+    victim = next(w for w in _status(workers).workers if w.slot == 1)
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def send() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                with _channel(workers.address) as channel:
+                    acknowledged.append(Stub(channel).ModelInfer(_mlp(f"kill-{i}"), timeout=5).id)
+            except grpc.RpcError:
+                pass  # the connection the dying worker held: not acknowledged, may be lost
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    time.sleep(1.0)
+    os.kill(victim.pid, signal.SIGKILL)
+    time.sleep(1.0)
+    stop.set()
+    sender.join()
+    logged = {r.id for r in _records(workers, "kill-")}
+    assert acknowledged and set(acknowledged) <= logged
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        slot = next((w for w in _status(workers).workers if w.slot == 1), None)
+        if slot is not None and slot.pid != victim.pid and slot.restarts == victim.restarts + 1:
+            break
+        time.sleep(0.3)
+    assert slot is not None and slot.pid != victim.pid, workers.log
+    assert slot.restarts == victim.restarts + 1
+    assert f"worker 1 (pid {victim.pid}) exited with code -9; restarting it" in workers.log
+    answered = _infer_on_new_connections(workers.address, CONNECTIONS, "after-kill")
+    assert {r.worker for r in _records(workers, "after-kill-")} == {0, 1}
+    assert len(answered) == CONNECTIONS
+
+
+def _answers_from_version(address: str, version: str, prefix: str) -> Counter[str]:
+    """Status code name (OK or the error) of one request per fresh connection asking for `version`."""
+    outcomes: Counter[str] = Counter()
+    for i in range(CONNECTIONS):
+        with _channel(address) as channel:
+            try:
+                Stub(channel).ModelInfer(_mlp(f"{prefix}-{i}", version=version), timeout=10)
+                outcomes["OK"] += 1
+            except grpc.RpcError as e:
+                outcomes[e.code().name] += 1
+    return outcomes
+
+
+def test_a_version_loaded_through_one_worker_is_loaded_by_every_worker(
+    workers: GatewayProcess, two_versions: Path
+) -> None:
+    save_model(two_versions, "mlp", "3", mlp_graph(seed=2))
+    ops = Admin(workers)
+    ops.LoadModel(admin.LoadModelRequest(model="mlp", version="3", reason="workers test: load v3"))
+    deadline = time.monotonic() + 20
+    while _answers_from_version(workers.address, "3", "v3") != {"OK": CONNECTIONS}:
+        assert time.monotonic() < deadline, workers.log  # the other worker follows within a second or so
+        time.sleep(0.3)
+    assert {r.worker for r in _records(workers, "v3-")} == {0, 1}
+    assert "loaded, following change" in workers.log
+    _split(ops, "mlp", "1=10000", "workers test: v3 takes no traffic")
+    ops.UnloadModel(admin.UnloadModelRequest(model="mlp", version="3", reason="workers test: unload v3"))
+    deadline = time.monotonic() + 20
+    while (outcomes := _answers_from_version(workers.address, "3", "gone"))["OK"]:
+        assert time.monotonic() < deadline, workers.log
+        time.sleep(0.3)
+    assert outcomes.keys() == {"NOT_FOUND"} or outcomes.keys() == {"UNAVAILABLE"}, outcomes
+    shutil.rmtree(two_versions / "mlp" / "3")
+
+
+def test_sigterm_drains_every_worker(two_versions: Path, tmp_path: Path) -> None:
+    gateway = GatewayProcess(two_versions, None, tmp_path, workers=2)
+    gateway.wait_ready()
+    pids = [w.pid for w in _status(gateway).workers]
+    assert gateway.stop() == 0, gateway.log
+    assert len(pids) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    assert gateway.log.count("gateway.server: stopped") == 2
+
+
+def test_a_worker_that_cannot_start_stops_the_gateway_with_its_exit_code(tmp_path: Path) -> None:
+    path = save_model(tmp_path / "models", "m", "1", mlp_graph()) / PROFILE_FILE
+    path.write_bytes(b"not a profile")
+    args = ["serve", "--workers", "2", "--model-repository", str(tmp_path / "models"), "--port", "0"]
+    args += ["--state-dir", str(tmp_path / "state")]
+    result = subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"OOD profile {path}" in result.stderr and "could not start (exit code 2); stopping" in result.stderr
+
+
+def test_workers_log_into_shared_segments_that_rotate_once(two_versions: Path, tmp_path: Path) -> None:
+    config = "[log]\nsegment_max_bytes = 32768\n"
+    gateway = GatewayProcess(two_versions, config, tmp_path, workers=2)
+    gateway.wait_ready()
+    try:
+        answered = _infer_on_new_connections(gateway.address, 200, "rotate")
+    finally:
+        assert gateway.stop() == 0, gateway.log
+    records = _records(gateway, "rotate-")
+    assert sorted(r.id for r in records) == sorted(answered)
+    assert Counter(r.worker for r in records).keys() == {0, 1}
+    segments = sorted((gateway.state_dir / "log").glob("seg-*"))
+    rotations = gateway.log.count("request log rotated to")
+    assert len(segments) >= 2 and rotations == len(segments) - 1  # each rotation made one segment
