@@ -33,6 +33,7 @@ class ServerConfig:
     stream_max_in_flight: int = 64  # ModelStreamInfer: requests read but not yet answered, per stream
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     state_dir: str = "gateway-state"
+    routes_file: str = ""  # TOML route table applied at startup (router.seed); "": routes only from the admin API
 
     def __post_init__(self) -> None:
         if self.stream_max_in_flight < 1:

@@ -37,6 +37,7 @@ from gateway.telemetry import Observe, RequestMetrics
 from gateway.tls import CertificateCaller, CertificateFiles, is_loopback
 from router.control import RouteControl
 from router.rollout import RolloutManager, RolloutStore
+from router.seed import apply_routes_file
 from router.store import RouteStore
 
 log = logging.getLogger(__name__)
@@ -377,6 +378,8 @@ class Gateway:
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if loading.done():
             loading.result()
+            if self.config.server.routes_file:  # the deployment's route table, once the versions are warm
+                apply_routes_file(self.routes, self.config.server.routes_file, self.repository.ready_map())
             await self._set_serving(self.repository.ready)
             log.info("ready: %d model versions loaded", sum(v.ready for v in self.repository.all_versions()))
         watching = [
