@@ -39,6 +39,7 @@ from gateway.tls import CertificateCaller, CertificateFiles, is_loopback
 from gateway.workerboard import PUBLISH_INTERVAL_S, Agreement, AgreementKey, GatewayTraffic, WorkerBoard, WorkerIdentity
 from router.control import RouteControl
 from router.rollout import RolloutManager, RolloutStore
+from router.seed import apply_routes_file
 from router.store import RouteStore
 
 log = logging.getLogger(__name__)
@@ -438,6 +439,9 @@ class Gateway:
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if loading.done():
             loading.result()
+            # The deployment's route table, once the versions are warm; with workers, slot 0 applies it.
+            if self.config.server.routes_file and (self.worker is None or self.worker.slot == 0):
+                apply_routes_file(self.routes, self.config.server.routes_file, self.repository.ready_map())
             await self._set_serving(self.repository.ready)
             log.info("ready: %d model versions loaded", sum(v.ready for v in self.repository.all_versions()))
             if on_ready is not None:

@@ -34,8 +34,9 @@ from gateway.errors import ConfigError, FailedPrecondition, InvalidArgument
 from router import rules
 from router.rules import Route
 
-RouteAction = Literal["split", "sticky", "shadow", "pin", "override", "promote", "rollback", "rollout"]
-"""`rollout`: a progressive rollout's decision that leaves the route as it is (started, paused, resumed)."""
+RouteAction = Literal["split", "sticky", "shadow", "pin", "override", "promote", "rollback", "rollout", "config"]
+"""`rollout`: a progressive rollout's decision that leaves the route as it is (started, paused, resumed);
+`config`: the route set from the deployment's routes file at startup (router.seed)."""
 ModelAction = Literal["load", "unload", "replace"]  # model versions coming and going: logged, route unchanged
 Action = RouteAction | ModelAction
 ROUTE_ACTIONS: tuple[RouteAction, ...] = get_args(RouteAction)
