@@ -22,6 +22,7 @@ from gateway import protocol, telemetry
 from gateway.admin import AdminServicer
 from gateway.auth import TokenStore
 from gateway.config import GatewayConfig
+from gateway.feedback.outcomes import FeedbackOutcomes
 from gateway.feedback.quality import VersionQuality, quality, task_of
 from gateway.feedback.store import FeedbackStore
 from gateway.inference import InferenceService
@@ -62,9 +63,6 @@ class Gateway:
         self.shadows = ShadowRunner(
             self.repository, self.request_log, config.shadows.max_concurrency, self.traffic, self.telemetry
         )
-        self.rollouts = RolloutManager(
-            RolloutStore(config.rollouts_dir), self.routes, self.traffic.counts, self._shadow_counts
-        )
         auth = config.auth
         self.service = InferenceService(
             self.repository,
@@ -80,6 +78,13 @@ class Gateway:
         live = self.request_log.live_segment if self.request_log is not None else None
         self.log_reader = LogReader(config.log_dir, live=live)
         self.feedback = FeedbackStore(config.feedback_dir) if config.log.enabled else None
+        self.rollouts = RolloutManager(
+            RolloutStore(config.rollouts_dir),
+            self.routes,
+            self.traffic.counts,
+            self._shadow_counts,
+            outcomes=FeedbackOutcomes(self.log_reader, self.feedback, self.repository),
+        )
         self.quality_reports: dict[str, list[VersionQuality]] = {}  # the last periodic check, for metrics
         self.fairness_alerts: set[tuple[str, str, str, str]] = set()  # (model, version, role, alert text)
         self.tls = CertificateFiles(config.tls) if config.tls.enabled else None
@@ -397,9 +402,9 @@ class Gateway:
         if not loading.done():
             await loading  # let warm-up finish so its thread does not outlive the sessions
         await self.shadows.drain()
+        self.rollouts.close()  # its worker thread reads the log and the feedback store
         if self.request_log is not None:
             await self.request_log.close()
-        self.rollouts.close()
         if self.feedback is not None:
             self.feedback.close()
         self.routes.close()

@@ -1,14 +1,33 @@
-"""Outcome gates (router.outcomes): the statistics behind them, against scipy and Newcombe's published
-intervals, and the verdicts they give on windows of labelled requests."""
+"""Outcome gates: a rollout judged on ground truth. First the statistics behind them, against scipy and
+Newcombe's published intervals; then a live gateway where the truth of every answered request is sent
+back while the rollout runs: a candidate that answers the wrong class is rolled back by the accuracy gate,
+one that misses the positives of one region by the equal-opportunity gate, a regressor that overshoots by
+the MAE gate, a candidate as good as its baseline is promoted, and one nobody sends truth for waits at its
+step, saying so, until its extensions run out.
+
+Each model has version 1 (the baseline) and a candidate 2. Classifiers see x = [a, b, r]: the truth is
+1 when b > a (5% of labels flipped), the region is "north" when r > 0.5.
+"""
 
 from __future__ import annotations
 
 import math
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
 import pytest
+from conftest import GatewayProcess
+from models import classifier_graph, identity_graph, save_model, scaled_graph
+from test_rollout import Admin, cli
 
 from gateway.errors import InvalidArgument
+from gateway.protocol import Stub, admin
+from gateway.protocol import inference as pb
 from router.analysis import Thresholds, newcombe_bounds, wilson_bounds
 from router.outcomes import (
     Group,
@@ -131,3 +150,267 @@ def test_outcome_thresholds_are_validated_and_survive_the_plans_stored_form() ->
     assert Plan.from_dict(plan.to_dict()) == plan
     measured = Measured(_classified(10, 1), _classified(10, 9), 30)
     assert [g.verdict for g in evaluate_outcomes(measured, th, 0.95)] == ["wait", "wait"]
+
+
+# --- a live gateway ------------------------------------------------------------------------------------
+
+RATE = 100.0  # requests per second
+NOISE = 0.05  # share of classifier labels flipped
+CONFIG = """
+[shadows]
+max_concurrency = 4
+[models.eo]
+segments = ["region"]
+fairness_min_group = 20
+"""
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("outcome-models")
+    candidates = {
+        "wrong": classifier_graph(swap=True),
+        "good": classifier_graph(),
+        "unlabelled": classifier_graph(),
+        "eo": classifier_graph(north_penalty=10.0),
+    }
+    for name, candidate in candidates.items():
+        save_model(repo, name, "1", classifier_graph())
+        save_model(repo, name, "2", candidate)
+    save_model(repo, "overshoots", "1", identity_graph("FP32", width=1))
+    save_model(repo, "overshoots", "2", scaled_graph(1.5, width=1))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def gw(models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    gateway = GatewayProcess(models, CONFIG, tmp_path_factory.mktemp("outcomes"))
+    gateway.wait_ready()
+    yield gateway
+    assert gateway.stop() == 0, gateway.log
+
+
+class LabelledLoad:
+    """Requests to one model at a fixed rate from a background thread, each with its own id; the truth of
+    the answered ones goes back through SubmitFeedback (as columns, every 20 answers), at most `max_labels`."""
+
+    def __init__(self, gateway: GatewayProcess, model: str, max_labels: int | None = None) -> None:
+        self.gateway, self.model, self.max_labels = gateway, model, max_labels
+        self.regressor = model == "overshoots"
+        self.answered = 0
+        self.labels_sent = 0
+        self.unknown: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> LabelledLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _request(self, rng: np.random.Generator, i: int) -> tuple[pb.ModelInferRequest, float]:
+        request = pb.ModelInferRequest(model_name=self.model, id=f"{self.model}-{i}")
+        if self.regressor:
+            x = rng.uniform(1, 3, (1, 1)).astype(np.float32)
+            truth = float(x[0, 0]) + float(rng.normal(0, 0.1))
+        else:
+            x = rng.uniform(0, 1, (1, 3)).astype(np.float32)
+            truth = float((x[0, 1] > x[0, 0]) != (rng.random() < NOISE))
+            region = "north" if x[0, 2] > 0.5 else "south"
+            if self.model == "eo":
+                request.parameters["segment.region"].string_param = region
+        request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+        request.raw_input_contents.append(x.tobytes())
+        return request, truth
+
+    def _feed(self, ops: Admin, pending: list[tuple[str, float]]) -> None:
+        if self.max_labels is not None:
+            pending = pending[: max(0, self.max_labels - self.labels_sent)]
+        if not pending:
+            return
+        ids = [i for i, _ in pending]
+        columns = (
+            admin.FeedbackColumns(request_ids=ids, values=[t for _, t in pending])
+            if self.regressor
+            else admin.FeedbackColumns(request_ids=ids, labels=[int(t) for _, t in pending])
+        )
+        response = ops.SubmitFeedback(admin.SubmitFeedbackRequest(model=self.model, columns=columns))
+        assert not response.invalid, response.invalid
+        self.unknown += response.unknown_ids
+        self.labels_sent += response.stored
+
+    def _run(self) -> None:
+        rng = np.random.default_rng(11)
+        ops = Admin(self.gateway)
+        pending: list[tuple[str, float]] = []
+        with grpc.insecure_channel(self.gateway.address) as channel:
+            stub = Stub(channel)
+            next_at = time.monotonic()
+            i = 0
+            while not self._stop.is_set():
+                request, truth = self._request(rng, i)
+                i += 1
+                try:
+                    stub.ModelInfer(request, timeout=10)
+                    self.answered += 1
+                    pending.append((request.id, truth))
+                except grpc.RpcError:
+                    pass
+                if len(pending) >= 20:
+                    time.sleep(0.05)  # the answers' log records commit in the background
+                    self._feed(ops, pending)
+                    pending = []
+                next_at += 1 / RATE
+                time.sleep(max(0.0, next_at - time.monotonic()))
+
+
+def _start(ops: Admin, model: str, interval_s: float = 3.0, max_extensions: int = 2, **gates: Any) -> Any:
+    ops.Promote(admin.PromoteRequest(model=model, version="1", reason="baseline before the rollout"))
+    request = admin.StartRolloutRequest(
+        model=model,
+        candidate="2",
+        steps_bps=[5000, 10000],
+        interval_s=interval_s,
+        max_extensions=max_extensions,
+        gates=admin.RolloutGates(min_requests=30, **gates),
+        reason=f"roll out {model} v2",
+    )
+    return ops.StartRollout(request).rollout
+
+
+def _failed_on(ops: Admin, model: str, rollout: Any, gate: str) -> None:
+    """The rollout failed on `gate` alone, the route is back on v1, and the change log says why."""
+    assert rollout.state == "failed", rollout.outcome
+    (step,) = rollout.history
+    assert step.outcome == "failed" and {g.gate for g in step.gates if g.verdict == "fail"} == {gate}
+    assert f": {gate}:" in rollout.outcome
+    assert ops.split(model) == {"1": 10000} and ops.shadows(model) == {}
+    last = ops.history(model)[-1]
+    assert (last.who, last.action) == ("rollout", "rollback") and f"{gate} FAIL" in last.why, last.why
+
+
+def test_a_candidate_answering_the_wrong_class_is_rolled_back_by_the_accuracy_gate(gw: GatewayProcess) -> None:
+    ops = Admin(gw)
+    # It disagrees with v1 on every request, so the agreement gate is switched off (min 0) to let
+    # the accuracy gate speak; the candidate shadows v1's half and is judged on those answers too.
+    with LabelledLoad(gw, "wrong") as load:
+        _start(ops, "wrong", interval_s=30.0, min_labelled=40, accuracy_not_worse_by=0.05, min_agreement=0.0)
+        rollout = ops.wait("wrong", lambda r: r.state != "running")
+    _failed_on(ops, "wrong", rollout, "accuracy")
+    (accuracy,) = [g for g in rollout.history[0].gates if g.gate == "accuracy"]
+    assert accuracy.figures["candidate_accuracy"] < 0.2 < 0.8 < accuracy.figures["baseline_accuracy"]
+    assert accuracy.figures["upper_bound"] < -0.05 and accuracy.figures["candidate_n"] >= 40
+    assert "accuracy" in ops.history("wrong")[-1].why and "pp" in ops.history("wrong")[-1].why
+    assert load.labels_sent and not load.unknown
+
+
+def test_a_candidate_as_good_as_its_baseline_passes_the_accuracy_gate(gw: GatewayProcess) -> None:
+    ops = Admin(gw)
+    ops.Promote(admin.PromoteRequest(model="good", version="1", reason="baseline before the rollout"))
+    with LabelledLoad(gw, "good"):
+        started = cli(
+            gw,
+            "start",
+            "good",
+            "--candidate",
+            "2",
+            "--steps",
+            "50,100",
+            "--interval",
+            "3s",
+            "--min-requests",
+            "30",
+            "--min-labelled",
+            "40",
+            "--accuracy-not-worse-by",
+            "0.05",
+            "--reason",
+            "v2 is a rebuild of v1",
+        )
+        assert started.returncode == 0, started.stderr
+        assert "outcome gates: >= 40 labelled requests per side; accuracy -5 pp" in started.stdout, started.stdout
+        rollout = ops.wait("good", lambda r: r.state != "running")
+    assert rollout.state == "completed", rollout.outcome
+    (step,) = rollout.history
+    assert step.outcome == "passed" and all(g.verdict == "pass" for g in step.gates), step.gates
+    (accuracy,) = [g for g in step.gates if g.gate == "accuracy"]
+    assert accuracy.figures["candidate_n"] >= 40 and accuracy.figures["baseline_n"] >= 40
+    assert abs(accuracy.figures["difference"]) < 0.15
+    assert ops.split("good") == {"2": 10000}
+    assert "accuracy PASS" in ops.history("good")[-1].why
+
+
+def test_without_enough_labels_the_rollout_waits_at_its_step_saying_so_then_fails(gw: GatewayProcess) -> None:
+    ops = Admin(gw)
+    with LabelledLoad(gw, "unlabelled", max_labels=10):
+        _start(ops, "unlabelled", interval_s=2.0, min_labelled=40, accuracy_not_worse_by=0.05, max_extensions=2)
+        held = ops.wait("unlabelled", lambda r: r.extensions >= 1 or r.state != "running")
+        assert (held.state, held.step) == ("running", 0), held.outcome
+        assert ops.split("unlabelled") == {"1": 5000, "2": 5000}
+        verdicts = {g.gate: g for g in held.gates}
+        assert verdicts["accuracy"].verdict == "wait" and "need 40 each" in verdicts["accuracy"].summary
+        assert all(g.verdict == "pass" for name, g in verdicts.items() if name != "accuracy"), held.gates
+        status = cli(gw, "status", "unlabelled")
+        assert status.returncode == 0 and "extended" in status.stdout, status.stdout
+        assert "accuracy" in status.stdout and "WAIT" in status.stdout and "labelled requests" in status.stdout
+        rollout = ops.wait("unlabelled", lambda r: r.state != "running")
+    assert rollout.state == "failed" and "too little data after 2 extensions" in rollout.outcome, rollout.outcome
+    assert "accuracy" in rollout.outcome and ops.split("unlabelled") == {"1": 10000}
+    last = ops.history("unlabelled")[-1]
+    assert (last.who, last.action) == ("rollout", "rollback") and "accuracy WAIT: labelled requests" in last.why
+
+
+def test_a_candidate_missing_one_regions_positives_is_rolled_back_by_the_equal_opportunity_gate(
+    gw: GatewayProcess,
+) -> None:
+    ops = Admin(gw)
+    gates = {"min_labelled": 100, "max_equal_opportunity_gap_increase": 0.1, "fairness_attribute": "region"}
+    with LabelledLoad(gw, "eo"):
+        _start(ops, "eo", interval_s=30.0, min_agreement=0.0, **gates)
+        rollout = ops.wait("eo", lambda r: r.state != "running")
+    _failed_on(ops, "eo", rollout, "equal_opportunity")
+    (gap,) = [g for g in rollout.history[0].gates if g.gate == "equal_opportunity"]
+    assert gap.figures["candidate_gap"] > 0.5 > 0.2 > gap.figures["baseline_gap"]
+    assert "region: TPR gap" in gap.summary and "north" in gap.summary
+
+
+def test_a_regressor_that_overshoots_is_rolled_back_by_the_mae_gate(gw: GatewayProcess) -> None:
+    ops = Admin(gw)
+    with LabelledLoad(gw, "overshoots"):
+        _start(ops, "overshoots", interval_s=30.0, min_labelled=40, mae_not_worse_by=0.1, min_agreement=0.0)
+        rollout = ops.wait("overshoots", lambda r: r.state != "running")
+    _failed_on(ops, "overshoots", rollout, "mae")
+    (mae,) = [g for g in rollout.history[0].gates if g.gate == "mae"]
+    assert mae.figures["baseline_mae"] < 0.2 < 0.5 < mae.figures["candidate_mae"]
+
+
+@pytest.mark.parametrize(
+    ("model", "gates", "field"),
+    [
+        ("overshoots", {"accuracy_not_worse_by": 0.01}, "accuracy_not_worse_by: model"),
+        ("good", {"mae_not_worse_by": 0.5}, "mae_not_worse_by: model"),
+        ("eo", {"max_equal_opportunity_gap_increase": 0.1, "fairness_attribute": "income"}, "fairness_attribute"),
+        ("eo", {"max_equal_opportunity_gap_increase": 0.1}, "fairness_attribute"),
+    ],
+)
+def test_outcome_gates_the_model_cannot_be_judged_by_are_refused_at_start(
+    gw: GatewayProcess, model: str, gates: dict[str, Any], field: str
+) -> None:
+    ops = Admin(gw)
+    before = ops.history(model)
+    with pytest.raises(grpc.RpcError) as refused:
+        request = admin.StartRolloutRequest(
+            model=model,
+            candidate="2",
+            steps_bps=[10000],
+            interval_s=1.0,
+            gates=admin.RolloutGates(**gates),
+            reason="should not start",
+        )
+        ops.StartRollout(request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (refused.value.details() or "")
+    assert ops.history(model) == before  # nothing changed
