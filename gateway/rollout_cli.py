@@ -52,7 +52,10 @@ def _document(r: Any) -> Document:
         "shadow_requests": r.shadow_requests,
         "step_shadow_percent": r.step_shadow_bps / 100,
         "max_extensions": r.max_extensions,
-        "thresholds": {f.name: getattr(config, f.name) for f in config.DESCRIPTOR.fields},
+        "thresholds": {
+            f.name: getattr(config, f.name) if not f.has_presence or config.HasField(f.name) else None
+            for f in config.DESCRIPTOR.fields
+        },
         "step_started_ns": r.step_started_ns,
         "step_elapsed_s": r.step_elapsed_s,
         "extensions": r.extensions,
@@ -80,6 +83,18 @@ def _gate_rows(gates: list[Document]) -> str:
     return table(("GATE", "VERDICT", "FIGURES"), ((g["gate"], g["verdict"].upper(), g["summary"]) for g in gates))
 
 
+def _outcome_words(t: Document) -> str:
+    """The outcome gates of a plan in a few words ("" : none)."""
+    words = []
+    if t["accuracy_not_worse_by"] is not None:
+        words.append(f"accuracy -{t['accuracy_not_worse_by'] * 100:g} pp")
+    if t["mae_not_worse_by"] is not None:
+        words.append(f"MAE +{t['mae_not_worse_by']:g}")
+    if t["max_equal_opportunity_gap_increase"] is not None:
+        words.append(f"{t['fairness_attribute']} TPR gap +{t['max_equal_opportunity_gap_increase']:g}")
+    return f"{', '.join(words)} (worse at {t['confidence']:.1%})" if words else ""
+
+
 def _rollout_text(doc: Document) -> str:
     steps = ",".join(format_percent(round(p * 100)) for p in doc["steps_percent"])
     shadow = (
@@ -99,8 +114,11 @@ def _rollout_text(doc: Document) -> str:
         f"OOD rate +{t['max_ood_rate_delta'] * 100:g} pp (Fisher exact, {t['confidence']:.1%}; early looks "
         f"{t['interim_confidence']:.1%}); p99 <= {t['max_p99_ratio']:g}x (slack {t['p99_slack_ms']:g} ms); "
         f"agreement >= {t['min_agreement']:.0%}",
-        f"  started by {doc['started_by']}: {doc['reason']}",
     ]
+    outcomes = _outcome_words(t)
+    if outcomes:
+        lines.append(f"  outcome gates: >= {t['min_labelled']} labelled requests per side; {outcomes}")
+    lines.append(f"  started by {doc['started_by']}: {doc['reason']}")
     if doc["outcome"]:
         lines.append(f"  {doc['outcome']}")
     if doc["state"] == "running":
@@ -133,6 +151,11 @@ def _start(args: argparse.Namespace) -> Result:
         "max_ood_rate_delta",
         "min_agreement",
         "confidence",
+        "min_labelled",
+        "accuracy_not_worse_by",
+        "mae_not_worse_by",
+        "max_equal_opportunity_gap_increase",
+        "fairness_attribute",
     ):
         value = getattr(args, name)
         if value is not None:
@@ -207,6 +230,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     start.add_argument("--max-ood-rate-delta", type=float, help="absolute (default 0.05)")
     start.add_argument("--min-agreement", type=float, help="shadow vs primary, 0..1 (default 0.95)")
     start.add_argument("--confidence", type=float, help="of the end-of-step tests (default 0.95)")
+    outcome = start.add_argument_group("outcome gates", "judged on ground truth sent with `canary-gateway feedback`")
+    outcome.add_argument("--min-labelled", type=_count, help="labelled requests per side before deciding (100)")
+    outcome.add_argument(
+        "--accuracy-not-worse-by", type=float, help="classifiers: accuracy the candidate may lose, e.g. 0.02 = 2 pp"
+    )
+    outcome.add_argument("--mae-not-worse-by", type=float, help="regressors: MAE the candidate may add (target units)")
+    outcome.add_argument(
+        "--max-equal-opportunity-gap-increase",
+        type=float,
+        help="how much wider the TPR gap between the groups of --fairness-attribute may get, e.g. 0.05",
+    )
+    outcome.add_argument("--fairness-attribute", help="a segment attribute the model declares, e.g. region")
 
     status = group.add_parser("status", parents=[common], help="plan, current step, each gate's figures and verdict")
     status.set_defaults(func=run, admin_command=_status)

@@ -23,6 +23,7 @@ from gateway import protocol, telemetry
 from gateway.admin import AdminServicer
 from gateway.auth import TokenStore
 from gateway.config import GatewayConfig
+from gateway.feedback.outcomes import FeedbackOutcomes
 from gateway.feedback.quality import VersionQuality, quality, task_of
 from gateway.feedback.store import FeedbackStore
 from gateway.inference import InferenceService
@@ -87,12 +88,6 @@ class Gateway:
         )
         board = None if worker is None else WorkerBoard(config.workers_dir, worker.slot, worker.restarts)
         self.gateway_traffic = GatewayTraffic(self.traffic, self._own_agreement, self._own_drift_alerts, board)
-        self.rollouts = RolloutManager(
-            RolloutStore(config.rollouts_dir),
-            self.routes,
-            self.gateway_traffic.counts,
-            self.gateway_traffic.agreement,
-        )
         auth = config.auth
         self.service = InferenceService(
             self.repository,
@@ -108,6 +103,13 @@ class Gateway:
         live = self.request_log.live_segment if self.request_log is not None else None
         self.log_reader = LogReader(config.log_dir, live=live)
         self.feedback = FeedbackStore(config.feedback_dir) if config.log.enabled else None
+        self.rollouts = RolloutManager(
+            RolloutStore(config.rollouts_dir),
+            self.routes,
+            self.gateway_traffic.counts,
+            self.gateway_traffic.agreement,
+            outcomes=FeedbackOutcomes(self.log_reader, self.feedback, self.repository),
+        )
         self.quality_reports: dict[str, list[VersionQuality]] = {}  # the last periodic check, for metrics
         self.fairness_alerts: set[tuple[str, str, str, str]] = set()  # (model, version, role, alert text)
         self.tls = CertificateFiles(config.tls) if config.tls.enabled else None
@@ -468,9 +470,9 @@ class Gateway:
         if self.gateway_traffic.board is not None:
             self.gateway_traffic.publish()  # a restarted worker carries on from these totals
             self.gateway_traffic.board.close()
+        self.rollouts.close()  # its worker thread reads the log and the feedback store
         if self.request_log is not None:
             await self.request_log.close()
-        self.rollouts.close()
         if self.feedback is not None:
             self.feedback.close()
         self.routes.close()

@@ -42,7 +42,7 @@ from gateway.errors import InvalidArgument
 from gateway.stats import Counts
 
 Verdict = Literal["pass", "fail", "wait"]
-GateName = Literal["errors", "p99_latency", "ood", "agreement"]
+GateName = Literal["errors", "p99_latency", "ood", "agreement", "accuracy", "mae", "equal_opportunity"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,12 @@ class Thresholds:
     p99_slack_ms: float = 1.0  # p99s closer than this pass whatever their ratio
     max_ood_rate_delta: float = 0.05
     min_agreement: float = 0.95
+    # Outcome gates (router.outcomes), judged on ground truth; each is off while None.
+    min_labelled: int = 100  # labelled requests per side before an outcome gate decides
+    accuracy_not_worse_by: float | None = None  # classifiers: absolute accuracy the candidate may lose
+    mae_not_worse_by: float | None = None  # regressors: MAE the candidate may add, in the target's units
+    max_equal_opportunity_gap_increase: float | None = None  # of `fairness_attribute`'s TPR gap
+    fairness_attribute: str | None = None  # a segment attribute the model declares
 
     def __post_init__(self) -> None:
         if not isinstance(self.min_requests, int) or self.min_requests < 1:
@@ -72,6 +78,33 @@ class Thresholds:
             raise InvalidArgument(f"p99_slack_ms: {self.p99_slack_ms!r} is negative")
         if not self.max_p99_ratio >= 1:
             raise InvalidArgument(f"max_p99_ratio: {self.max_p99_ratio!r}; a ratio below 1 fails equal latencies")
+        if not isinstance(self.min_labelled, int) or self.min_labelled < 1:
+            raise InvalidArgument(f"min_labelled: {self.min_labelled!r}; at least 1 labelled request per side")
+        for name in ("accuracy_not_worse_by", "max_equal_opportunity_gap_increase"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise InvalidArgument(f"{name}: {value!r} must be in [0, 1] (an absolute difference of rates)")
+        if self.mae_not_worse_by is not None and not 0 <= self.mae_not_worse_by < math.inf:
+            raise InvalidArgument(f"mae_not_worse_by: {self.mae_not_worse_by!r} must be a finite number >= 0")
+        if (self.max_equal_opportunity_gap_increase is None) != (not self.fairness_attribute):
+            raise InvalidArgument(
+                f"fairness_attribute: {self.fairness_attribute!r}; the equal-opportunity gate needs both "
+                "max_equal_opportunity_gap_increase and the segment attribute whose groups it compares"
+            )
+        if self.accuracy_not_worse_by is not None and self.mae_not_worse_by is not None:
+            raise InvalidArgument("mae_not_worse_by: a model is a classifier (accuracy) or a regressor (MAE), not both")
+
+    @property
+    def outcome_gates(self) -> tuple[GateName, ...]:
+        """The outcome gates this plan asks for, in the order they are shown."""
+        chosen: list[GateName] = []
+        if self.accuracy_not_worse_by is not None:
+            chosen.append("accuracy")
+        if self.mae_not_worse_by is not None:
+            chosen.append("mae")
+        if self.max_equal_opportunity_gap_increase is not None:
+            chosen.append("equal_opportunity")
+        return tuple(chosen)
 
 
 @dataclass(frozen=True)
@@ -113,15 +146,36 @@ def fisher_greater(x_candidate: int, n_candidate: int, x_baseline: int, n_baseli
     return min(p, 1.0)
 
 
-def wilson_upper(successes: int, n: int, confidence: float) -> float:
-    """One-sided Wilson score upper bound of a proportion."""
+def wilson_bounds(successes: int, n: int, confidence: float) -> tuple[float, float]:
+    """One-sided Wilson score bounds of a proportion: each holds at `confidence` on its own (together they
+    are the two-sided interval at 2 * confidence - 1)."""
     if n == 0:
-        return 1.0
+        return 0.0, 1.0
     z = NormalDist().inv_cdf(confidence)
     p = successes / n
     centre = p + z * z / (2 * n)
     spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return min(1.0, (centre + spread) / (1 + z * z / n))
+    scale = 1 + z * z / n
+    return max(0.0, (centre - spread) / scale), min(1.0, (centre + spread) / scale)
+
+
+def wilson_upper(successes: int, n: int, confidence: float) -> float:
+    """One-sided Wilson score upper bound of a proportion."""
+    return wilson_bounds(successes, n, confidence)[1]
+
+
+def newcombe_bounds(x1: int, n1: int, x2: int, n2: int, confidence: float) -> tuple[float, float]:
+    """One-sided bounds of the difference of two independent proportions x1/n1 - x2/n2, each at
+    `confidence`: Newcombe's hybrid score interval (1998, method 10), built from the Wilson bounds of
+    each proportion. Unlike the Wald interval it stays inside [-1, 1] and keeps its coverage near 0 and 1
+    and on small samples, where accuracies and true-positive rates live."""
+    p1, p2 = x1 / n1, x2 / n2
+    low1, high1 = wilson_bounds(x1, n1, confidence)
+    low2, high2 = wilson_bounds(x2, n2, confidence)
+    d = p1 - p2
+    lower = d - math.sqrt((p1 - low1) ** 2 + (high2 - p2) ** 2)
+    upper = d + math.sqrt((high1 - p1) ** 2 + (p2 - low2) ** 2)
+    return max(-1.0, lower), min(1.0, upper)
 
 
 def binomial_greater(k: int, n: int, p: float) -> float:

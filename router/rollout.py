@@ -12,6 +12,14 @@ little data → the step is extended, at most `max_extensions` times, then the r
 nobody could judge does not keep its traffic). Between ends, interim looks roll back early on a failure
 (see router.analysis for the stricter confidence they use).
 
+A plan may add outcome gates (router.outcomes: accuracy, MAE, equal-opportunity gap), judged on the
+ground truth sent for the window's requests. Reading it means reading the request log and the feedback
+store (LMDB), so it never happens in `tick`: the manager reads it in its own worker thread, at most every
+`outcome_look_s` (and never more than a fifth of the time, however long a read takes), and the gates use
+the latest figures of the current window. A step's final look waits for figures read after the step's
+end, so a decision always covers the whole step. Until both sides have `min_labelled` labelled requests
+the gates wait, and the step is extended like any other waiting gate.
+
 Every automatic route change goes through RouteControl with identity `rollout` and a reason carrying
 the figures and gates, so the change log audits it like a human edit; operator actions (start, pause,
 resume, abort, force-promote) are logged under the operator's identity. A rollout that changes nothing
@@ -32,6 +40,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +62,7 @@ from router.analysis import (
 )
 from router.bucketing import BUCKETS
 from router.control import RouteControl
+from router.outcomes import Measured, OutcomeQuery, OutcomeSource, evaluate_outcomes, not_measured
 from router.rules import Route, format_percent
 from router.store import Action
 
@@ -70,6 +80,8 @@ Compare = Callable[[str, str, str], tuple[int, int, int]]
 
 _STEP_GATES: tuple[GateName, ...] = ("errors", "p99_latency", "ood", "agreement")
 _SHADOW_GATES: tuple[GateName, ...] = ("errors", "p99_latency", "agreement")  # shadow calls are not OOD-scored
+OUTCOME_LOOK_S = 2.0
+"""Ground truth is read at most this often per rollout."""
 
 
 @dataclass(frozen=True)
@@ -250,8 +262,32 @@ class _Window:
     started_s: float
 
 
+@dataclass(frozen=True)
+class _Look:
+    """Outcome figures of one window, as read in the worker thread up to `until_s`."""
+
+    window: _Window
+    until_s: float
+    took_s: float
+    measured: Measured | None  # None: the read failed (logged)
+
+
+@dataclass(frozen=True)
+class _Reading:
+    window: _Window
+    until_s: float
+    future: Future[tuple[Measured, float]]
+
+
+def _timed_measure(source: OutcomeSource, query: OutcomeQuery) -> tuple[Measured, float]:
+    started = time.perf_counter()
+    measured = source.measure(query)
+    return measured, time.perf_counter() - started
+
+
 class RolloutManager:
-    """Runs every rollout of the gateway; called on the event loop only (admin RPCs and `tick`)."""
+    """Runs every rollout of the gateway; called on the event loop only (admin RPCs and `tick`). Ground truth
+    for outcome gates is read by `outcomes` in the manager's one worker thread, started on first use."""
 
     def __init__(
         self,
@@ -260,6 +296,8 @@ class RolloutManager:
         measure: Measure,
         compare: Compare,
         now: Callable[[], float] = time.time,
+        outcomes: OutcomeSource | None = None,
+        outcome_look_s: float = OUTCOME_LOOK_S,
     ) -> None:
         self._store = store
         self._routes = routes
@@ -269,6 +307,12 @@ class RolloutManager:
         self._loaded_version = store.version()
         self._rollouts = {r.id: r for r in store.load()}
         self._windows: dict[int, _Window] = {}
+        self._outcomes = outcomes
+        self._look_s = outcome_look_s
+        self._looks: dict[int, _Look] = {}  # by rollout id: the current window's latest outcome figures
+        self._reading: dict[int, _Reading] = {}  # by rollout id: the read in the worker, at most one each
+        self._final_at: dict[int, float] = {}  # by rollout id: when the window became due (its final look)
+        self._worker: ThreadPoolExecutor | None = None
 
     def _sync(self) -> None:
         """Reload the rollouts when another process (another worker) saved one since we looked."""
@@ -312,6 +356,10 @@ class RolloutManager:
         """Begin a rollout from the model's current route, which must send all traffic to one version."""
         if not why.strip():
             raise InvalidArgument("reason: required; say why you roll this version out")
+        if plan.thresholds.outcome_gates:
+            if self._outcomes is None:
+                raise FailedPrecondition("gates: outcome gates judge ground truth, which this gateway does not keep")
+            self._outcomes.check(plan.model, plan.thresholds)
         for other in self.rollouts(plan.model):
             if other.state in ACTIVE:
                 raise FailedPrecondition(
@@ -418,18 +466,25 @@ class RolloutManager:
                 f"the route was changed outside the rollout (change {last.seq} by {last.who}: {last.why})",
             )
             return
-        rollout.gates = self._evaluate(rollout, window, final=False)
+        look = self._look(rollout, window)
+        rollout.gates = self._evaluate(rollout, window, look, final=False)
         if overall(rollout.gates) == "fail":
             self._fail(rollout, "fail", "")
             return
         if not self._due(rollout, window):
             return
-        rollout.gates = self._evaluate(rollout, window, final=True)
+        if rollout.plan.thresholds.outcome_gates:
+            final_at = self._final_at.setdefault(rollout.id, self._now())
+            if look is None or look.until_s < final_at:  # the final look judges the truth of the whole step
+                self._read(rollout, window)
+                return
+        rollout.gates = self._evaluate(rollout, window, look, final=True)
         verdict = overall(rollout.gates)
         if verdict == "fail":
             self._fail(rollout, "fail", "")
         elif verdict == "wait" and rollout.extensions < rollout.plan.max_extensions:
             rollout.extensions += 1
+            self._final_at.pop(rollout.id, None)
             log.info("rollout #%d: %s extended: %s", rollout.id, rollout.where, explain(rollout.gates))
             self._save(rollout)
         elif verdict == "wait":
@@ -447,7 +502,7 @@ class RolloutManager:
         length = plan.shadow_s if rollout.step < 0 else plan.interval_s
         return self._now() - window.started_s >= length * periods
 
-    def _evaluate(self, rollout: Rollout, window: _Window, *, final: bool) -> list[GateResult]:
+    def _evaluate(self, rollout: Rollout, window: _Window, look: _Look | None, *, final: bool) -> list[GateResult]:
         plan = rollout.plan
         role = "shadow" if rollout.step < 0 else "primary"
         candidate = self._measure(plan.model, plan.candidate, role).since(window.candidate)
@@ -457,7 +512,66 @@ class RolloutManager:
         if rollout.step < 0 or plan.step_shadow_bps:
             agreement = Agreement(compared - window.agreement[0], agreed - window.agreement[1])
         gates = _SHADOW_GATES if rollout.step < 0 else _STEP_GATES
-        return evaluate(candidate, baseline, agreement, plan.thresholds, final=final, gates=gates)
+        results = evaluate(candidate, baseline, agreement, plan.thresholds, final=final, gates=gates)
+        th = plan.thresholds
+        if not th.outcome_gates:
+            return results
+        if look is None:
+            return results + not_measured(th, f"ground truth not read yet for this window (every {self._look_s:g} s)")
+        if look.measured is None:
+            return results + not_measured(th, "reading ground truth failed (see the gateway's log); trying again")
+        return results + evaluate_outcomes(look.measured, th, th.confidence if final else th.interim_confidence)
+
+    # --- outcome gates: ground truth read in the worker thread ---------------------------------------
+
+    def _look(self, rollout: Rollout, window: _Window) -> _Look | None:
+        """The window's latest outcome figures (None before the first read ends); starts a read when due."""
+        if not rollout.plan.thresholds.outcome_gates:
+            return None
+        self._collect(rollout.id)
+        look = self._looks.get(rollout.id)
+        if look is not None and look.window is not window:
+            look = None
+        # Reads hold the GIL for much of their time: from start to start, at least five times a read's length,
+        # so they take at most a fifth of it.
+        if look is None or self._now() - look.until_s >= max(self._look_s, 5 * look.took_s):
+            self._read(rollout, window)
+        return look
+
+    def _read(self, rollout: Rollout, window: _Window) -> None:
+        """Start reading the window's ground truth up to now, unless a read is already under way."""
+        if rollout.id in self._reading or self._outcomes is None:
+            return
+        plan = rollout.plan
+        now = self._now()
+        query = OutcomeQuery(
+            model=plan.model,
+            candidate=plan.candidate,
+            baseline=rollout.baseline,
+            candidate_roles=("shadow",) if rollout.step < 0 else ("primary", "shadow"),
+            attribute=plan.thresholds.fairness_attribute or "",
+            since_ns=int(window.started_s * 1e9),
+            until_ns=int(now * 1e9),
+        )
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="rollout-outcomes")
+        self._reading[rollout.id] = _Reading(window, now, self._worker.submit(_timed_measure, self._outcomes, query))
+
+    def _collect(self, rollout_id: int) -> None:
+        """Keep a finished read's figures if they are still about the current window."""
+        reading = self._reading.get(rollout_id)
+        if reading is None or not reading.future.done():
+            return
+        del self._reading[rollout_id]
+        if reading.window is not self._windows.get(rollout_id):
+            return
+        try:
+            measured, took_s = reading.future.result()
+        except Exception:
+            log.exception("rollout #%d: reading ground truth failed; trying again", rollout_id)
+            self._looks[rollout_id] = _Look(reading.window, reading.until_s, self._look_s, None)
+            return
+        self._looks[rollout_id] = _Look(reading.window, reading.until_s, took_s, measured)
 
     def _advance(self, rollout: Rollout) -> None:
         passed = explain(rollout.gates)
@@ -539,10 +653,18 @@ class RolloutManager:
             started_s=now,
         )
         rollout.step_started_ns, rollout.extensions, rollout.gates = int(now * 1e9), 0, []
+        self._forget_outcomes(rollout.id)
         self._save(rollout)
+
+    def _forget_outcomes(self, rollout_id: int) -> None:
+        """Drop a window's outcome figures (a read under way finishes unseen)."""
+        self._looks.pop(rollout_id, None)
+        self._reading.pop(rollout_id, None)
+        self._final_at.pop(rollout_id, None)
 
     def _end_step(self, rollout: Rollout, outcome: str) -> None:
         self._windows.pop(rollout.id, None)
+        self._forget_outcomes(rollout.id)
         rollout.history.append(
             StepRecord(
                 rollout.phase,
@@ -569,4 +691,6 @@ class RolloutManager:
         return int(self._now() * 1e9)
 
     def close(self) -> None:
+        if self._worker is not None:  # before the log and the feedback store it reads are closed
+            self._worker.shutdown(wait=True, cancel_futures=True)
         self._store.close()

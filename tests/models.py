@@ -226,3 +226,32 @@ def scaled_graph(factor: float, width: int = 64) -> onnx.GraphProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
         [scale],
     )
+
+
+def classifier_graph(swap: bool = False, north_penalty: float = 0.0) -> onnx.GraphProto:
+    """A two-class classifier of x = [a, b, r] (FP32 [N, 3]): `label` (INT64 [N]) is 1 when b > a, else 0.
+    `swap` answers the other class (wrong wherever that rule is right); `north_penalty` lowers b's score by
+    that much times max(0, r - 0.5), so rows with r > 0.5 (region "north" in the tests) rarely get class 1."""
+    pick = np.array([[0.0], [0.0], [1.0]], dtype=np.float32)
+    columns = np.array([[0, 1], [1, 0], [0, 0]] if swap else [[1, 0], [0, 1], [0, 0]], dtype=np.float32)
+    initializers = [
+        numpy_helper.from_array(pick, "pick"),
+        numpy_helper.from_array(np.array([-0.5], dtype=np.float32), "half"),
+        numpy_helper.from_array(np.array([[0.0, -north_penalty]], dtype=np.float32), "penalty"),
+        numpy_helper.from_array(columns, "columns"),
+    ]
+    return helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "pick"], ["r"]),
+            helper.make_node("Add", ["r", "half"], ["r_shifted"]),
+            helper.make_node("Relu", ["r_shifted"], ["north"]),
+            helper.make_node("MatMul", ["north", "penalty"], ["lowered"]),
+            helper.make_node("MatMul", ["x", "columns"], ["scores"]),
+            helper.make_node("Add", ["scores", "lowered"], ["logits"]),
+            helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0),
+        ],
+        "classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])],
+        initializers,
+    )

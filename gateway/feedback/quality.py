@@ -10,7 +10,7 @@ per request id); others are counted as skipped.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +19,7 @@ from gateway.config import ModelServingConfig
 from gateway.datatypes import BY_V2_NAME
 from gateway.feedback.ingest import CLASSIFIER, REGRESSOR
 from gateway.feedback.metrics import CalibrationBin, Rate, classification, regression
-from gateway.feedback.store import FeedbackStore
+from gateway.feedback.store import FeedbackStore, Truth
 from gateway.requestlog.reader import LogReader, Query
 from gateway.requestlog.record import ROLE_SHADOW, Record, Tensor, id_key
 from gateway.runtime import TensorSpec
@@ -87,28 +87,57 @@ def _gap(rates: list[float]) -> float:
     return max(defined) - min(defined) if len(defined) >= 2 else math.nan
 
 
+@dataclass(frozen=True)
+class GroupCounts:
+    """One group of a segment attribute: labelled requests, and how the predictions met the truth."""
+
+    group: str
+    n: int
+    positives: int  # truly positive
+    predicted_positive: int
+    true_positives: int
+    false_positives: int
+
+
+def group_counts(
+    values: np.ndarray, truth: np.ndarray, predicted: np.ndarray, positive_label: int
+) -> list[GroupCounts]:
+    """Counts per group of an attribute's `values` (one per labelled request; "" : the request had none)."""
+    is_pos, said_pos = truth == positive_label, predicted == positive_label
+    counts = []
+    for group in sorted({v for v in values if v}):
+        member = values == group
+        counts.append(
+            GroupCounts(
+                group,
+                int(member.sum()),
+                int((member & is_pos).sum()),
+                int((member & said_pos).sum()),
+                int((member & is_pos & said_pos).sum()),
+                int((member & ~is_pos & said_pos).sum()),
+            )
+        )
+    return counts
+
+
 def fairness(
     attribute: str, rows: _Rows, truth: np.ndarray, predicted: np.ndarray, serving: ModelServingConfig
 ) -> AttributeFairness:
     """Per-group positive rate, TPR and FPR with Wilson intervals; the gaps between groups large enough."""
     values = np.array([s.get(attribute, "") for s in rows.segments], dtype=object)
-    is_pos, said_pos = truth == serving.positive_label, predicted == serving.positive_label
     groups = []
-    for group in sorted({v for v in values if v}):
-        member = values == group
-        n, positives = int(member.sum()), int((member & is_pos).sum())
-        tp, fp = int((member & is_pos & said_pos).sum()), int((member & ~is_pos & said_pos).sum())
-        too_small = n < serving.fairness_min_group
+    for c in group_counts(values, truth, predicted, serving.positive_label):
+        too_small = c.n < serving.fairness_min_group
         none = Rate(math.nan, math.nan, math.nan)
         groups.append(
             GroupRates(
-                group,
-                n,
-                positives,
+                c.group,
+                c.n,
+                c.positives,
                 too_small,
-                none if too_small else Rate.wilson(int((member & said_pos).sum()), n),
-                none if too_small else Rate.wilson(tp, positives),
-                none if too_small else Rate.wilson(fp, n - positives),
+                none if too_small else Rate.wilson(c.predicted_positive, c.n),
+                none if too_small else Rate.wilson(c.true_positives, c.positives),
+                none if too_small else Rate.wilson(c.false_positives, c.n - c.positives),
             )
         )
     sized = [g for g in groups if not g.too_small]
@@ -130,6 +159,46 @@ def fairness(
     return report
 
 
+@dataclass(frozen=True)
+class Joined:
+    """One answered record of a window with its ground truth, as the quality report and a rollout's
+    outcome gates see it."""
+
+    record: Record
+    truth: Truth | None  # None: no truth for this request (yet)
+    predicted: float | None  # the label output's one value; None: not scorable (several rows, no output)
+    score: np.ndarray | None  # the score output's row, when the model has one
+    segments: dict[str, str]  # the request's, from its primary record
+
+
+def joined(
+    log: LogReader,
+    store: FeedbackStore,
+    model: str,
+    serving: ModelServingConfig,
+    since_ns: int | None,
+    until_ns: int | None,
+) -> Iterator[Joined]:
+    """Every answered record of `model` in the window, in log order, with the truth of its request."""
+    records: list[Record] = [r for r in log.query(Query(model=model, since_ns=since_ns, until_ns=until_ns))]
+    answered = [r for r in records if r.status == 0 and r.outputs]
+    segments = {r.id: r.segments or {} for r in answered if r.role != ROLE_SHADOW}
+    truths = store.get_many(r.primary_id if r.role == ROLE_SHADOW and r.primary_id else r.id for r in answered)
+    for record in answered:
+        truth_id = record.primary_id if record.role == ROLE_SHADOW and record.primary_id else record.id
+        truth = truths.get(id_key(truth_id))
+        if truth is None:
+            yield Joined(record, None, None, None, {})
+            continue
+        label = _tensor(record.outputs, serving.label_output, fallback_first=True)
+        score = _tensor(record.outputs, serving.score_output, fallback_first=False) if serving.score_output else None
+        if label is None or label.size != 1 or (score is not None and score.shape[0] != 1):
+            yield Joined(record, truth, None, None, {})
+            continue
+        scores = None if score is None else score.reshape(-1)
+        yield Joined(record, truth, float(label.reshape(-1)[0]), scores, segments.get(truth_id, {}))
+
+
 def quality(
     log: LogReader,
     store: FeedbackStore,
@@ -140,36 +209,28 @@ def quality(
     until_ns: int | None,
 ) -> list[VersionQuality]:
     """Quality of every (version, role) of `model` that answered in the window, versions in order."""
-    records: list[Record] = [r for r in log.query(Query(model=model, since_ns=since_ns, until_ns=until_ns))]
-    answered = [r for r in records if r.status == 0 and r.outputs]
-    segments = {r.id: r.segments or {} for r in answered if r.role != ROLE_SHADOW}
-    truths = store.get_many(r.primary_id if r.role == ROLE_SHADOW and r.primary_id else r.id for r in answered)
     reports: dict[tuple[str, str], VersionQuality] = {}
     rows: dict[tuple[str, str], _Rows] = {}
-    for record in answered:
-        key = (record.version, record.role)
+    for one in joined(log, store, model, serving, since_ns, until_ns):
+        key = (one.record.version, one.record.role)
         report = reports.get(key)
         if report is None:
-            report = reports[key] = VersionQuality(record.version, record.role, task)
+            report = reports[key] = VersionQuality(one.record.version, one.record.role, task)
             rows[key] = _Rows()
         report.requests += 1
-        truth_id = record.primary_id if record.role == ROLE_SHADOW and record.primary_id else record.id
-        truth = truths.get(id_key(truth_id))
-        if truth is None:
+        if one.truth is None:
             continue
-        label = _tensor(record.outputs, serving.label_output, fallback_first=True)
-        score = _tensor(record.outputs, serving.score_output, fallback_first=False) if serving.score_output else None
-        if label is None or label.size != 1 or (score is not None and score.shape[0] != 1):
+        if one.predicted is None:
             report.skipped += 1
             continue
         report.labelled += 1
         into = rows[key]
-        into.truth.append(truth.truth)
-        into.predicted.append(float(label.reshape(-1)[0]))
-        into.weight.append(truth.weight)
-        into.segments.append(segments.get(truth_id, {}))
-        if score is not None:
-            into.probabilities.append(score.reshape(-1))
+        into.truth.append(one.truth.truth)
+        into.predicted.append(one.predicted)
+        into.weight.append(one.truth.weight)
+        into.segments.append(one.segments)
+        if one.score is not None:
+            into.probabilities.append(one.score)
     for key, report in reports.items():
         _score(report, rows[key], serving)
     return [reports[k] for k in sorted(reports, key=lambda k: (_version_key(k[0]), k[1]))]
