@@ -423,14 +423,21 @@ class Gateway:
             except Exception:
                 log.exception("cannot publish to the worker board; trying again in %.0f s", PUBLISH_INTERVAL_S)
 
-    async def run(self, stop: asyncio.Event, on_ready: Callable[[], None] | None = None) -> None:
-        await self._set_serving(False)
+    async def _start_listening(self) -> None:
         await self.server.start()
         security = "plaintext" if self.tls is None else "mTLS" if self.tls.mutual else "TLS"
         log.info("listening on %s:%d (%s)", self.config.server.host, self.port, security)
         if self.admin_server is not self.server:
             await self.admin_server.start()
             log.info("admin API listening on %s:%d (%s)", self.config.server.host, self.admin_port, security)
+
+    async def run(self, stop: asyncio.Event, on_ready: Callable[[], None] | None = None) -> None:
+        await self._set_serving(False)
+        # A lone gateway listens at once (liveness while it loads); a worker joins its peers' port only
+        # when its models are warm, else the kernel would hand it connections it can only refuse.
+        listening = self.worker is None
+        if listening:
+            await self._start_listening()
         if self.request_log is not None:
             log.info("request log in %s (sync=%s)", self.config.log_dir, self.config.log.sync)
         token_path = self.tokens.bootstrap(self.config.server.state_dir)
@@ -446,6 +453,9 @@ class Gateway:
                 apply_routes_file(self.routes, self.config.server.routes_file, self.repository.ready_map())
             await self._set_serving(self.repository.ready)
             log.info("ready: %d model versions loaded", sum(v.ready for v in self.repository.all_versions()))
+            if not listening:
+                await self._start_listening()
+                listening = True
             if on_ready is not None:
                 on_ready()
         watching = [
@@ -461,9 +471,10 @@ class Gateway:
             task.cancel()
         log.info("draining: stop accepting, finishing in-flight calls (grace %.1fs)", self.config.server.grace_period_s)
         await self._set_serving(False)
-        await self.server.stop(self.config.server.grace_period_s)
-        if self.admin_server is not self.server:
-            await self.admin_server.stop(self.config.server.grace_period_s)
+        if listening:
+            await self.server.stop(self.config.server.grace_period_s)
+            if self.admin_server is not self.server:
+                await self.admin_server.stop(self.config.server.grace_period_s)
         if not loading.done():
             await loading  # let warm-up finish so its thread does not outlive the sessions
         await self.shadows.drain()

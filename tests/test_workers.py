@@ -172,6 +172,9 @@ def test_a_killed_worker_loses_no_acknowledged_record_and_is_replaced(workers: G
     assert slot is not None and slot.pid != victim.pid, workers.log
     assert slot.restarts == victim.restarts + 1
     assert f"worker 1 (pid {victim.pid}) exited with code -9; restarting it" in workers.log
+    while workers.log.count("worker 1 gateway.server: listening on") < 2:  # it listens once its models are warm
+        assert time.monotonic() < deadline, workers.log
+        time.sleep(0.1)
     answered = _infer_on_new_connections(workers.address, CONNECTIONS, "after-kill")
     assert {r.worker for r in _records(workers, "after-kill-")} == {0, 1}
     assert len(answered) == CONNECTIONS
