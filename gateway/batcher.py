@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +33,21 @@ import numpy as np
 from gateway.errors import DeadlineExceeded, GatewayError, ModelExecutionError
 from gateway.runtime import OnnxModel
 from gateway.stats import VersionStats
+
+COMPUTE_THREAD_NICE = 10
+"""How much a model's thread defers to the event loop when both want the core: at nice 10 the loop gets
+~90% of a contended core. The loop admits, refuses and answers health checks; if it waited behind
+model compute, overload would queue every call before any handler could shed it. An idle loop takes
+nothing, so a model alone still gets the whole core."""
+
+
+def _yield_to_event_loop() -> None:
+    """Lower this (a model's compute) thread's CPU priority below the event loop's (Linux: per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COMPUTE_THREAD_NICE)
+    except OSError:  # not permitted here: run at the same priority
+        pass
+
 
 Feeds = dict[str, np.ndarray]
 _Results = list[list[np.ndarray] | GatewayError]  # per request of a batch: its outputs or its error
@@ -70,7 +87,9 @@ class MicroBatcher:
         self._stats = stats
         self._max_rows = max(1, max_batch_size) if model.batchable else 1
         self._max_wait_s = max_batch_wait_us / 1e6
-        self._executor = None if inline else ThreadPoolExecutor(1, thread_name_prefix="onnx")
+        self._executor = (
+            None if inline else ThreadPoolExecutor(1, thread_name_prefix="onnx", initializer=_yield_to_event_loop)
+        )
         self._queue: list[_Pending] = []
         self._queued_rows = 0
         self._timer: asyncio.TimerHandle | None = None
