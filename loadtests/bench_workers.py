@@ -12,8 +12,9 @@ Scaling efficiency = (shared 2 workers) / (2 x shared 1 worker). On a 2-core mac
 near 1: the load generator needs about as much CPU per request as a worker, and in the shared setups it
 runs on the same two cores, so one worker already has most of a core and the generator the other;
 a second worker can only take CPU from the generator. "pinned 1 worker" is the honest per-core figure.
-Server CPU is summed over the supervisor and its workers. `--rounds N` repeats the three (rotating the
-order) and reports each round and the median of the ratios.
+Server CPU is summed over the supervisor and its workers; "others" is the CPU other processes (other
+tenants of a shared machine, the load generator's parent) took meanwhile, from /proc/stat.
+`--rounds N` repeats the three (rotating the order) and reports each round and the median of the ratios.
 
     python loadtests/bench_workers.py [--duration 6] [--warmup 2] [--concurrency 16] [--processes 2]
                                       [--connections 8] [--rounds 3] [--json FILE]
@@ -23,15 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 from bench_core import Placement, Point, choose_placement, gateway_argv, gateway_source, running
+from bench_variants import cpus_busy_s
 from loadgen import LoadSpec
 from models import OutputCheck, build_infer_request, build_repository
 
+ALL_CPUS = frozenset(os.sched_getaffinity(0))
 SETUPS = ("shared 1 worker", "shared 2 workers", "pinned 1 worker")
 
 
@@ -54,12 +58,15 @@ def measure(setup: str, args: argparse.Namespace, repository: Path, workdir: Pat
             warmup_s=args.warmup,
             cpus=placement.client_cpus,
         )
+        busy_before = cpus_busy_s(ALL_CPUS)
         point = server.drive(spec)
+        others = cpus_busy_s(ALL_CPUS) - busy_before - point.server_cpu_s - point.load.client_cpu_s
     load = point.load
     print(
         f"  {setup:17} {load.throughput:8.0f} req/s  p50 {load.latency.p50_us:6} us  p99 {load.latency.p99_us:6} us  "
         f"server {point.server_us_per_request:4.0f} us CPU/req ({point.server_util:.2f} cores)  "
-        f"client {point.client_util:.2f} cores  errors {sum(load.errors.values())}",
+        f"client {point.client_util:.2f} cores  others {max(0.0, others) / load.wall_s:.2f} cores  "
+        f"errors {sum(load.errors.values())}",
         flush=True,
     )
     return point
