@@ -17,7 +17,10 @@ tenants of a shared machine, the load generator's parent) took meanwhile, from /
 `--rounds N` repeats the three (rotating the order) and reports each round and the median of the ratios.
 
     python loadtests/bench_workers.py [--duration 6] [--warmup 2] [--concurrency 16] [--processes 2]
-                                      [--connections 8] [--rounds 3] [--json FILE]
+                                      [--connections 8] [--rounds 3] [--gateway-config FILE] [--json FILE]
+
+With `--gateway-config` holding `[log] sync = "fsync"` it shows group commit across workers: every
+worker's syncer fsyncs the one live segment, and one fsync covers every process's commits before it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ def measure(setup: str, args: argparse.Namespace, repository: Path, workdir: Pat
     placement = pinned if setup.startswith("pinned") else Placement(None, None, "unpinned")
     state = workdir / f"state-{setup.replace(' ', '-')}-{number}"
     argv = [*gateway_argv(repository, workers), "--state-dir", str(state)]
+    if args.gateway_config is not None:
+        argv += ["--config", str(args.gateway_config.resolve())]
     body, check = build_infer_request(), OutputCheck()
     with running(f"{setup} r{number}", argv, placement, workdir) as server:
         server.wait_ready(body, check)
@@ -80,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=2, help="load generator processes")
     parser.add_argument("--connections", type=int, default=8, help="connections per load generator process")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--gateway-config", type=Path, help='gateway TOML, e.g. [log] sync = "fsync"')
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="bench-workers-"))
