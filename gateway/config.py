@@ -232,7 +232,7 @@ class GatewayConfig:
 
     @property
     def worker_count(self) -> int:
-        return self.server.workers or len(os.sched_getaffinity(0))
+        return self.server.workers or usable_cores()
 
     @property
     def workers_dir(self) -> Path:
@@ -298,6 +298,19 @@ def _build(cls: type, data: Any, path: str, base: Any = None) -> Any:
         else:
             values[name] = _check_value(key, value, annotation)
     return dataclasses.replace(base, **values) if base is not None else cls(**values)
+
+
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's
+    CPU limit, which the affinity does not show)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, -(-int(quota) // int(period))))
 
 
 BENCHMARK_ENV = "CANARY_GATEWAY_BENCHMARK"

@@ -105,12 +105,15 @@ class ModelLifecycle:
             log.info("model %s unloaded (all %d versions) by %s: %s", name, len(versions), who, why)
             return entries
 
-    async def follow(self, entries: list[ChangeEntry]) -> None:
+    async def follow(self, entries: list[ChangeEntry], own_too: bool = False) -> None:
         """Do what another worker did: its loads, replaces and unloads, read from the change log, so that
-        every worker serves the same versions (the same files, checked by sha256). Not logged again."""
+        every worker serves the same versions (the same files, checked by sha256). Not logged again.
+        `own_too`: also this slot's entries (a restarted worker redoing what its former self did)."""
         for entry in entries:
             details = entry.details or {}
-            if entry.action not in MODEL_ACTIONS or details.get("worker", self._worker) == self._worker:
+            if entry.action not in MODEL_ACTIONS or "worker" not in details:
+                continue
+            if details["worker"] == self._worker and not own_too:
                 continue
             name, version, sha256 = entry.model, details["version"], details["sha256"]
             async with self._lock:

@@ -13,7 +13,8 @@ import dataclasses
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,6 +24,7 @@ from gateway import protocol, telemetry
 from gateway.admin import AdminServicer
 from gateway.auth import TokenStore
 from gateway.config import GatewayConfig
+from gateway.errors import ConfigError
 from gateway.feedback.outcomes import FeedbackOutcomes
 from gateway.feedback.quality import VersionQuality, quality, task_of
 from gateway.feedback.store import FeedbackStore
@@ -75,19 +77,20 @@ class Gateway:
         slot = None if worker is None else worker.slot
         self.repository = ModelRepository(config)
         self.request_log = LogWriter(config.log_dir, config.log, slot) if config.log.enabled else None
-        self.routes = RouteControl(
-            RouteStore(config.routes_dir), self.repository.ready_map, config.server.route_poll_ms / 1000
-        )
+        self.routes = RouteControl(RouteStore(config.routes_dir), self._routable, config.server.route_poll_ms / 1000)
         self.lifecycle = ModelLifecycle(self.repository, self.routes, "" if worker is None else str(worker.slot))
         self._followed_seq = self.routes.table.version  # model changes up to here are in the repository
+        self._followed_ns = 0  # ...and made at or after this time (a bound for reading the change log)
         self.tokens = TokenStore(config.tokens_file)
         self.telemetry = telemetry.build(config.telemetry, instance="" if worker is None else f"worker-{slot}")
         self.traffic = Traffic()
         self.shadows = ShadowRunner(
             self.repository, self.request_log, config.shadows.max_concurrency, self.traffic, self.telemetry
         )
-        board = None if worker is None else WorkerBoard(config.workers_dir, worker.slot, worker.restarts)
-        self.gateway_traffic = GatewayTraffic(self.traffic, self._own_agreement, self._own_drift_alerts, board)
+        board = None if worker is None else WorkerBoard(config.workers_dir, worker.slot, worker.restarts, worker.count)
+        self.gateway_traffic = GatewayTraffic(
+            self.traffic, self._own_agreement, self._own_drift_alerts, board, self.repository.ready_map
+        )
         auth = config.auth
         self.service = InferenceService(
             self.repository,
@@ -161,6 +164,12 @@ class Gateway:
             reflection.enable_server_reflection(
                 [ADMIN_SERVICE, reflection.SERVICE_NAME], self.admin_server, pool=protocol.POOL
             )
+
+    def _routable(self) -> Mapping[str, AbstractSet[str]]:
+        """The versions a route may send traffic to: ready here, and with several workers in every one."""
+        if self.worker is None:
+            return self.repository.ready_map()
+        return self.gateway_traffic.ready_everywhere()
 
     def _own_agreement(self) -> dict[AgreementKey, Agreement]:
         return {key: (s.compared, s.agreed, s.failed, s.shed) for key, s in list(self.shadows.agreement.items())}
@@ -283,14 +292,17 @@ class Gateway:
             ]
         )
         address = f"{self.config.server.host}:{port}"
-        if self.tls is not None:
-            bound = server.add_secure_port(address, self.tls.credentials())
-        else:
-            bound = server.add_insecure_port(address)
-            if not is_loopback(self.config.server.host):
-                log.warning("plaintext on %s, which is not a loopback address: set [tls] to encrypt", address)
+        try:
+            if self.tls is not None:
+                bound = server.add_secure_port(address, self.tls.credentials())
+            else:
+                bound = server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "Failed to bind": the port is taken (or the address is not ours)
+            bound = 0
         if bound == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise ConfigError(f"server.port: cannot listen on {address}: in use, or not an address of this host")
+        if self.tls is None and not is_loopback(self.config.server.host):
+            log.warning("plaintext on %s, which is not a loopback address: set [tls] to encrypt", address)
         return server, bound
 
     async def _set_serving(self, serving: bool) -> None:
@@ -308,11 +320,20 @@ class Gateway:
                     log.info("route table changed on disk: now version %d", self.routes.table.version)
                 self.tokens.refresh()
                 if self.worker is not None and self.routes.table.version != self._followed_seq:
-                    entries = [e for e in self.routes.history(None, None, None) if e.seq > self._followed_seq]
-                    self._followed_seq = max((e.seq for e in entries), default=self._followed_seq)
-                    await self.lifecycle.follow(entries)
+                    await self._follow_model_changes()
             except Exception:
                 log.exception("cannot refresh routes, tokens or models; keeping the current ones")
+
+    async def _follow_model_changes(self) -> None:
+        """Do the model loads and unloads other workers made since the last look, one entry at a time."""
+        for entry in self.routes.history(None, self._followed_ns, None):
+            if entry.seq <= self._followed_seq:
+                continue
+            try:
+                await self.lifecycle.follow([entry])
+            except Exception:  # one entry that cannot be followed must not block the ones after it
+                log.exception("cannot follow change %d (%s of %s); skipping it", entry.seq, entry.action, entry.model)
+            self._followed_seq, self._followed_ns = entry.seq, entry.time_ns
 
     async def _watch_repository(self) -> None:
         """Load version directories that appear in the model repository while the gateway runs (with
@@ -413,13 +434,16 @@ class Gateway:
                 log.exception("rollout tick failed; trying again at the next tick")
 
     async def _publish_worker_state(self) -> None:
-        """Put this worker's figures on the worker board for the others (with several workers)."""
+        """Put this worker's figures on the worker board for the others, and move to a log segment another
+        worker started even when idle (with several workers)."""
         if self.gateway_traffic.board is None:
             return
         while True:
             await asyncio.sleep(PUBLISH_INTERVAL_S)
             try:
                 self.gateway_traffic.publish()
+                if self.request_log is not None:
+                    self.request_log.follow_rotation()
             except Exception:
                 log.exception("cannot publish to the worker board; trying again in %.0f s", PUBLISH_INTERVAL_S)
 
@@ -453,9 +477,17 @@ class Gateway:
                 apply_routes_file(self.routes, self.config.server.routes_file, self.repository.ready_map())
             await self._set_serving(self.repository.ready)
             log.info("ready: %d model versions loaded", sum(v.ready for v in self.repository.all_versions()))
+            if self.worker is not None and self.worker.restarts:
+                # A restarted worker loaded what is on disk: redo the loads and unloads made through its
+                # peers (or its former self) since the gateway started, so it serves what they serve.
+                since = self.worker.gateway_started_ns
+                await self.lifecycle.follow(self.routes.history(None, since, None), own_too=True)
             if not listening:
                 await self._start_listening()
                 listening = True
+            if self.gateway_traffic.board is not None:
+                self.gateway_traffic.serving = True
+                self.gateway_traffic.publish()  # the others count this worker's versions from now on
             if on_ready is not None:
                 on_ready()
         watching = [

@@ -28,6 +28,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from gateway.config import GatewayConfig
+from gateway.errors import ConfigError
 from gateway.workerboard import WorkerIdentity
 
 log = logging.getLogger(__name__)
@@ -39,12 +40,24 @@ STARTUP_TIMEOUT_S = 600.0  # loading and warming up every model version
 
 def reserve_port(host: str, port: int) -> socket.socket:
     """A socket bound to host:port with SO_REUSEPORT and not listening: it holds the port (0 picks
-    one) without taking connections, which go to the workers' listening sockets."""
+    one) without taking connections, which go to the workers' listening sockets. The port is first
+    bound without SO_REUSEPORT, so a port another gateway (or anything else) holds is an error, not a
+    port silently shared with it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, port))  # OSError (address in use) when anyone holds it
+        port = probe.getsockname()[1]
     reserved = socket.socket(family, socket.SOCK_STREAM)
     reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     reserved.bind((host, port))
     return reserved
+
+
+def _reserve(host: str, port: int, key: str) -> socket.socket:
+    try:
+        return reserve_port(host, port)
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 @dataclass
@@ -52,7 +65,6 @@ class _Worker:
     slot: int
     process: BaseProcess
     ready: Connection  # the worker sends one message when it serves
-    started_at: float
     restarts: int
     is_ready: bool = False
 
@@ -62,14 +74,12 @@ def _run_worker(config: GatewayConfig, identity: WorkerIdentity, use_uvloop: boo
     import sys
 
     from gateway import eventloop
-    from gateway.errors import ConfigError
     from gateway.server import serve
 
     logging.basicConfig(
         level=config.server.log_level.upper(),
         format=f"%(asctime)s %(levelname)s worker {identity.slot} %(name)s: %(message)s",
     )
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor forwards one signal to drain; ^C reaches all
     try:
         eventloop.run(serve(config, identity, on_ready=lambda: ready.send(identity.slot)), use_uvloop=use_uvloop)
     except ConfigError as e:
@@ -85,17 +95,18 @@ class Supervisor:
         self._use_uvloop = use_uvloop
         self._count = count
         self._stopping = False
-        self._reserved = [reserve_port(config.server.host, config.server.port)]
+        self._reserved = [_reserve(config.server.host, config.server.port, "server.port")]
         port = self._reserved[0].getsockname()[1]
         admin_port = config.admin.port
         if admin_port:
-            self._reserved.append(reserve_port(config.server.host, admin_port))
+            self._reserved.append(_reserve(config.server.host, admin_port, "admin.port"))
         self._config = replace(config, server=replace(config.server, port=port))
         self._workers: dict[int, _Worker] = {}
+        self._started_ns = time.time_ns()
 
     def _start(self, slot: int, restarts: int) -> _Worker:
         receive, send = self._context.Pipe(duplex=False)
-        identity = WorkerIdentity(slot, self._count, restarts)
+        identity = WorkerIdentity(slot, self._count, restarts, self._started_ns)
         process = self._context.Process(
             target=_run_worker,
             args=(self._config, identity, self._use_uvloop, send),
@@ -104,7 +115,7 @@ class Supervisor:
         process.start()
         send.close()
         log.info("worker %d started (pid %d)", slot, process.pid)
-        return _Worker(slot, process, receive, time.monotonic(), restarts)
+        return _Worker(slot, process, receive, restarts)
 
     def _signal(self, signum: int, _frame: FrameType | None) -> None:
         if not self._stopping:
@@ -139,15 +150,17 @@ class Supervisor:
             self._poll(0.2)
             for worker in self._workers.values():
                 if not worker.process.is_alive() and not worker.is_ready:
-                    code = worker.process.exitcode or 1
+                    code = worker.process.exitcode if (worker.process.exitcode or 0) > 0 else 1
                     log.error("worker %d could not start (exit code %d); stopping", worker.slot, code)
                     return code
         return None
 
     def _poll(self, timeout: float) -> None:
-        """Wait for a worker to report ready or to exit; mark the ready ones."""
-        pending = {w.ready: w for w in self._workers.values() if not w.is_ready}
-        sentinels = [w.process.sentinel for w in self._workers.values()]
+        """Wait for a worker to report ready or to exit; mark the ready ones. (A dead worker's pipe
+        and sentinel stay readable: only live workers are waited on, else this would spin.)"""
+        alive = [w for w in self._workers.values() if w.process.is_alive()]
+        pending = {w.ready: w for w in alive if not w.is_ready}
+        sentinels = [w.process.sentinel for w in alive]
         for signalled in wait([*pending, *sentinels], timeout):
             worker = pending.get(signalled)  # type: ignore[call-overload]
             if worker is None:
@@ -190,19 +203,18 @@ class Supervisor:
         """SIGTERM every worker, wait for each to drain; 0 when all exited cleanly."""
         self._stopping = True
         grace = self._config.server.grace_period_s + 30  # the drain, the log's last fsync, telemetry's flush
-        for worker in self._workers.values():
-            if worker.process.is_alive():
-                worker.process.terminate()
+        serving = [w for w in self._workers.values() if w.process.is_alive()]
+        for worker in serving:
+            worker.process.terminate()
         clean = True
-        for worker in self._workers.values():
-            was_serving = worker.process.is_alive()
+        for worker in serving:
             worker.process.join(grace)
             if worker.process.is_alive():
                 log.error("worker %d did not stop within %.0f s; killing it", worker.slot, grace)
                 worker.process.kill()
                 worker.process.join()
                 clean = False
-            elif was_serving and worker.process.exitcode not in (0, -signal.SIGTERM):
+            elif worker.process.exitcode not in (0, -signal.SIGTERM):
                 log.error("worker %d exited with code %s while draining", worker.slot, worker.process.exitcode)
                 clean = False
         for reserved in self._reserved:

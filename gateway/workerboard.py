@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from gateway.stats import LATENCY_BUCKETS, Counts, Traffic, TrafficSummary
 
 HISTORY_S = 900  # the longest status window a multi-worker gateway can answer
 PUBLISH_INTERVAL_S = 1.0
+STALE_S = 5 * PUBLISH_INTERVAL_S  # a worker silent this long is gone (killed, restarting)
 
 TrafficKey = tuple[str, str, str]  # model, version, role
 AgreementKey = tuple[str, str, str]  # model, primary version, shadow version
@@ -44,6 +46,8 @@ class WorkerSnapshot:
     counts: dict[TrafficKey, Counts] = field(default_factory=dict)
     agreement: dict[AgreementKey, Agreement] = field(default_factory=dict)
     drift_alerts: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (model, version) → features
+    serving: bool = False  # listening with its models warm
+    ready: dict[str, list[str]] = field(default_factory=dict)  # model → its ready versions here
 
 
 def add_counts(a: Counts, b: Counts) -> Counts:
@@ -94,13 +98,15 @@ def _history_key(slot: int, ts_ns: int) -> bytes:
 class WorkerBoard:
     """This worker's slot on the board, and everyone's snapshots; one per process."""
 
-    def __init__(self, path: Path, slot: int, restarts: int = 0) -> None:
+    def __init__(self, path: Path, slot: int, restarts: int = 0, count: int = 0) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.slot = slot
+        self.count = count  # slots at or beyond it are a bigger earlier run's, ignored (0: all)
         self.restarts = restarts
         self.pid = os.getpid()
         self.started_ns = time.time_ns()
-        self._env = lmdb.open(str(path), map_size=1 << 28, max_dbs=2)
+        # Figures a crash may lose a second of: no fsync per publish (a commit still survives the process).
+        self._env = lmdb.open(str(path), map_size=1 << 28, max_dbs=2, sync=False, metasync=False)
         self._latest = self._env.open_db(b"latest")
         self._history = self._env.open_db(b"history")
         previous = self._read_slot(slot)
@@ -139,6 +145,8 @@ class WorkerBoard:
                 "counts": _pack_counts(snapshot.counts),
                 "agreement": [[*key, *value] for key, value in snapshot.agreement.items()],
                 "drift_alerts": [[*key, features] for key, features in snapshot.drift_alerts.items()],
+                "serving": snapshot.serving,
+                "ready": snapshot.ready,
             }
         )
         oldest = _history_key(self.slot, max(0, snapshot.updated_ns - HISTORY_S * 1_000_000_000))
@@ -156,11 +164,12 @@ class WorkerBoard:
         return None if value is None else _snapshot(slot, msgpack.unpackb(value, strict_map_key=False))
 
     def snapshots(self) -> list[WorkerSnapshot]:
-        """Every slot's latest snapshot, by slot."""
+        """Every slot's latest snapshot, by slot (slots of this run only)."""
         with self._env.begin(db=self._latest) as txn:
             return [
                 _snapshot(int.from_bytes(key, "big"), msgpack.unpackb(value, strict_map_key=False))
                 for key, value in txn.cursor()
+                if not self.count or int.from_bytes(key, "big") < self.count
             ]
 
     def counts_at(self, ts_ns: int, slots: list[int]) -> list[dict[TrafficKey, Counts]]:
@@ -196,6 +205,8 @@ def _snapshot(slot: int, data: dict[str, Any]) -> WorkerSnapshot:
         _unpack_counts(data["counts"]),
         {(m, p, s): (c, a, f, shed) for m, p, s, c, a, f, shed in data["agreement"]},
         {(m, v): features for m, v, features in data["drift_alerts"]},
+        data.get("serving", False),
+        data.get("ready", {}),
     )
 
 
@@ -206,6 +217,7 @@ class WorkerIdentity:
     slot: int
     count: int
     restarts: int = 0  # how often the supervisor restarted this slot's worker
+    gateway_started_ns: int = 0  # when the supervisor started: a restarted worker redoes model changes since
 
 
 class GatewayTraffic:
@@ -223,17 +235,36 @@ class GatewayTraffic:
         agreement: Callable[[], Mapping[AgreementKey, Agreement]],
         drift_alerts: Callable[[], dict[tuple[str, str], list[str]]],
         board: WorkerBoard | None,
+        ready: Callable[[], Mapping[str, AbstractSet[str]]] = dict,
     ) -> None:
         self._traffic = traffic
         self._agreement = agreement
         self._drift_alerts = drift_alerts
+        self._ready = ready
         self.board = board
+        self.serving = False  # set once this worker listens with its models warm
 
     def own(self) -> WorkerSnapshot:
         assert self.board is not None
         snapshot = self.board.totals(self._traffic.all_counts(), self._agreement())
         snapshot.drift_alerts = self._drift_alerts()
+        snapshot.serving = self.serving
+        snapshot.ready = {model: sorted(versions) for model, versions in self._ready().items()}
         return snapshot
+
+    def ready_everywhere(self) -> dict[str, set[str]]:
+        """Model → the versions ready here and in every other serving worker: what a route may use,
+        since any worker may take a request routed by it."""
+        ready = {model: set(versions) for model, versions in self._ready().items()}
+        if self.board is None:
+            return ready
+        fresh_ns = time.time_ns() - int(STALE_S * 1e9)
+        for worker in self.board.snapshots():
+            if worker.slot == self.board.slot or not worker.serving or worker.updated_ns < fresh_ns:
+                continue
+            for model in ready:
+                ready[model] &= set(worker.ready.get(model, ()))
+        return ready
 
     def publish(self) -> None:
         if self.board is not None:

@@ -260,6 +260,7 @@ class _Window:
     candidate: Counts
     agreement: tuple[int, int, int]
     started_s: float
+    step_started_ns: int  # the rollout's, when this window opened: another value means another window
 
 
 @dataclass(frozen=True)
@@ -453,7 +454,9 @@ class RolloutManager:
 
     def _drive(self, rollout: Rollout) -> None:
         window = self._windows.get(rollout.id)
-        if window is None:  # the gateway restarted: the step's window starts again
+        # None: the gateway restarted. Another start time: another worker paused and resumed it, or
+        # otherwise opened a new window, which this one (the driver) must judge from its own start.
+        if window is None or window.step_started_ns != rollout.step_started_ns:
             log.info("rollout #%d: resuming %s with a new window", rollout.id, rollout.where)
             self._open_window(rollout)
             return
@@ -651,6 +654,7 @@ class RolloutManager:
             candidate=self._measure(plan.model, plan.candidate, role),
             agreement=self._compare(plan.model, rollout.baseline, plan.candidate),
             started_s=now,
+            step_started_ns=int(now * 1e9),
         )
         rollout.step_started_ns, rollout.extensions, rollout.gates = int(now * 1e9), 0, []
         self._forget_outcomes(rollout.id)

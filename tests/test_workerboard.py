@@ -72,3 +72,12 @@ def test_gateway_traffic_sums_every_worker_and_windows_by_difference(tmp_path: P
     assert summary.requests == 46 and abs(summary.error_rate - 4 / 46) < 1e-9
     single = GatewayTraffic(traffic, dict, dict, None)
     assert single.counts(*KEY).requests == 6 and single.workers() == []
+
+
+def test_slots_of_a_bigger_earlier_run_are_ignored(tmp_path: Path) -> None:
+    for slot in range(4):  # an earlier run with 4 workers
+        board = WorkerBoard(tmp_path, slot)
+        board.publish(board.totals({KEY: _counts(10)}, {}))
+        board.close()
+    now = WorkerBoard(tmp_path, 0, count=2)
+    assert [s.slot for s in now.snapshots()] == [0, 1]

@@ -200,6 +200,15 @@ def test_a_version_loaded_through_one_worker_is_loaded_by_every_worker(
     ops = Admin(workers)
     ops.LoadModel(admin.LoadModelRequest(model="mlp", version="3", reason="workers test: load v3"))
     deadline = time.monotonic() + 20
+    while True:  # a route may send traffic to v3 only once every worker has it ready
+        try:
+            _split(ops, "mlp", "3=10000", "workers test: all to v3")
+            break
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "'3'" in (e.details() or ""), e.details()
+            assert time.monotonic() < deadline, workers.log
+            time.sleep(0.1)
+    assert set(_infer_on_new_connections(workers.address, CONNECTIONS, "routed-v3").values()) == {"3"}
     while _answers_from_version(workers.address, "3", "v3") != {"OK": CONNECTIONS}:
         assert time.monotonic() < deadline, workers.log  # the other worker follows within a second or so
         time.sleep(0.3)
@@ -213,6 +222,13 @@ def test_a_version_loaded_through_one_worker_is_loaded_by_every_worker(
         time.sleep(0.3)
     assert outcomes.keys() == {"NOT_FOUND"} or outcomes.keys() == {"UNAVAILABLE"}, outcomes
     shutil.rmtree(two_versions / "mlp" / "3")
+
+
+def test_a_second_gateway_cannot_take_the_port_of_a_running_one(workers: GatewayProcess, tmp_path: Path) -> None:
+    args = ["serve", "--workers", "2", "--port", str(workers.port), "--state-dir", str(tmp_path / "state")]
+    result = subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"server.port: cannot listen on 127.0.0.1:{workers.port}: Address already in use" in result.stderr
 
 
 def test_sigterm_drains_every_worker(two_versions: Path, tmp_path: Path) -> None:

@@ -76,8 +76,10 @@ class LogReader:
             return self._segments_locked(newest_first)
 
     def _segments_locked(self, newest_first: bool) -> list[Segment]:
-        paths = list_segments(self.log_dir)
         live = self.live() if self.live is not None else None
+        # A segment newer than the live one was started by another worker: this process's writer will
+        # adopt it, and LMDB allows one open per process, so it is read once that has happened.
+        paths = [p for p in list_segments(self.log_dir) if live is None or p <= live.path]
         for gone in set(self._open) - set(paths):
             self._open.pop(gone).close()
         for path in paths:

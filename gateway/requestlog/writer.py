@@ -119,7 +119,7 @@ class LogWriter:
 
         Under the log directory's rotation lock: another worker may have rotated already, and then
         its segment is the one to adopt."""
-        if not due and list_segments(self._dir)[-1:] == [self._segment.path]:
+        if not due and (self._worker is None or list_segments(self._dir)[-1:] == [self._segment.path]):
             return  # the usual case, decided without the lock
         with self._rotation_lock(), self._segment_lock:
             latest = list_segments(self._dir)[-1:]
@@ -176,6 +176,13 @@ class LogWriter:
 
     def _write(self, records: list[Record]) -> None:
         """One transaction for all records; a full map rotates and retries, never fails them."""
+        # env.info() per commit would cost more than the commit: look every 1/32 of a segment or 50 ms,
+        # before writing, so a worker idle for a while moves to the segment others started first.
+        now = time.monotonic()
+        if now >= self._next_rotation_check or self._bytes_since_check * 32 >= self._config.segment_max_bytes:
+            self._next_rotation_check = now + ROTATION_CHECK_INTERVAL_S
+            self._bytes_since_check = 0
+            self._rotate(due=self._should_rotate(self._segment))
         try:
             self._put_all(records)
         except lmdb.MapResizedError:  # another worker grew the segment's map: adopt its size, retry
@@ -184,15 +191,12 @@ class LogWriter:
         except lmdb.MapFullError:
             self._put_one_by_one(records)
         self.records_written += len(records)
-        # env.info() per commit would cost more than the commit: look every 1/32 of a segment or 50 ms.
-        now = time.monotonic()
-        if now >= self._next_rotation_check or self._bytes_since_check * 32 >= self._config.segment_max_bytes:
-            self._next_rotation_check = now + ROTATION_CHECK_INTERVAL_S
-            self._bytes_since_check = 0
-            if self._should_rotate(self._segment):
-                self._rotate()
-            elif self._worker is not None:
-                self._rotate(due=False)  # adopts a segment another worker started, if there is one
+
+    def follow_rotation(self) -> None:
+        """Move to a segment another worker started (called on the event loop, also when idle): what
+        this worker's readers see stops at its live segment."""
+        if self._worker is not None:
+            self._rotate(due=False)
 
     def admit(self) -> None:
         """Refuse new work while too many records wait for their commit (checked before any work)."""
