@@ -41,7 +41,7 @@ from gateway.telemetry import Observe, RequestMetrics
 from gateway.tls import CertificateCaller, CertificateFiles, is_loopback
 from gateway.workerboard import PUBLISH_INTERVAL_S, Agreement, AgreementKey, GatewayTraffic, WorkerBoard, WorkerIdentity
 from router.control import RouteControl
-from router.rollout import RolloutManager, RolloutStore
+from router.rollout import ACTIVE, RolloutManager, RolloutStore
 from router.seed import apply_routes_file
 from router.store import RouteStore
 
@@ -473,8 +473,11 @@ class Gateway:
         if loading.done():
             loading.result()
             # The deployment's route table, once the versions are warm; with workers, slot 0 applies it.
-            if self.config.server.routes_file and (self.worker is None or self.worker.slot == 0):
-                apply_routes_file(self.routes, self.config.server.routes_file, self.repository.ready_map())
+            # Not again when the supervisor restarts worker 0: that would undo every edit since the start.
+            first_start = self.worker is None or (self.worker.slot == 0 and not self.worker.restarts)
+            if self.config.server.routes_file and first_start:
+                rolling = {r.plan.model for r in self.rollouts.rollouts() if r.state in ACTIVE}
+                apply_routes_file(self.routes, self.config.server.routes_file, self._routable(), rolling)
             await self._set_serving(self.repository.ready)
             log.info("ready: %d model versions loaded", sum(v.ready for v in self.repository.all_versions()))
             if self.worker is not None and self.worker.restarts:

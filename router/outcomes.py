@@ -126,6 +126,10 @@ def mean_difference_lower(
 def mae_gate(candidate: Labelled, baseline: Labelled, th: Thresholds, confidence: float) -> GateResult:
     """Fail when the candidate's MAE is higher by more than the margin, at `confidence` (as accuracy_gate)."""
     margin = th.mae_not_worse_by or 0.0
+    if candidate.n < 2 or baseline.n < 2:  # no spread to judge from
+        return GateResult(
+            "mae", "wait", f"labelled requests: candidate {candidate.n}, baseline {baseline.n}; need 2 each", {}
+        )
     lower = mean_difference_lower(
         candidate.mae,
         candidate.abs_error_var,
@@ -150,7 +154,9 @@ def mae_gate(candidate: Labelled, baseline: Labelled, th: Thresholds, confidence
         f"{candidate.mae - baseline.mae:+.4g}, at least {lower:+.4g} at {confidence * 100:g}% "
         f"(worse if above +{margin:g})"
     )
-    return GateResult("mae", "fail" if lower > margin else "pass", summary, figures)
+    # A NaN bound (a non-finite prediction, or one labelled request) is no evidence of "not worse".
+    verdict: Verdict = "pass" if lower <= margin else "fail"
+    return GateResult("mae", verdict, summary, figures)
 
 
 def _sized(side: Labelled, min_group: int) -> list[Group]:
@@ -167,7 +173,10 @@ def equal_opportunity_gate(
     """Fail when the candidate's TPR gap between groups is wider than the baseline's by more than the margin;
     wait while either side has fewer than two groups large enough."""
     attribute, margin = th.fairness_attribute, th.max_equal_opportunity_gap_increase or 0.0
-    sized_c, sized_b = _sized(candidate, min_group), _sized(baseline, min_group)
+    # Only groups large enough on both sides: a group counted on one side only would widen that gap alone.
+    both = {g.name for g in _sized(candidate, min_group)} & {g.name for g in _sized(baseline, min_group)}
+    sized_c = [g for g in _sized(candidate, min_group) if g.name in both]
+    sized_b = [g for g in _sized(baseline, min_group) if g.name in both]
     if len(sized_c) < 2 or len(sized_b) < 2:
         return GateResult(
             "equal_opportunity",

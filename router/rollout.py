@@ -478,7 +478,8 @@ class RolloutManager:
             return
         if rollout.plan.thresholds.outcome_gates:
             final_at = self._final_at.setdefault(rollout.id, self._now())
-            if look is None or look.until_s < final_at:  # the final look judges the truth of the whole step
+            # The final look judges the truth of the whole step, from a read that worked.
+            if look is None or look.measured is None or look.until_s < final_at:
                 self._read(rollout, window)
                 return
         rollout.gates = self._evaluate(rollout, window, look, final=True)

@@ -77,13 +77,20 @@ def _route_error(path: str | Path, model: str, error: GatewayError) -> ConfigErr
 
 
 def apply_routes_file(
-    control: RouteControl, path: str | Path, ready: Mapping[str, AbstractSet[str]]
+    control: RouteControl,
+    path: str | Path,
+    ready: Mapping[str, AbstractSet[str]],
+    rolling: AbstractSet[str] = frozenset(),
 ) -> list[ChangeEntry]:
     """Make the stored route table equal to the file's; return the change-log entries written.
 
-    `ready` maps each model to its ready versions (every version a route names must be one).
+    `ready` maps each model to the versions a route may name (what the route control checks too).
+    Models in `rolling` have a rollout under way, which owns their route: the file leaves them alone.
     """
     routes = load_routes_file(path)
+    for model in sorted(rolling & (set(routes) | set(control.table.routes))):
+        log.info("routes_file %s: model %s has a rollout under way; its route is left to the rollout", path, model)
+    routes = {model: route for model, route in routes.items() if model not in rolling}
     for model, route in sorted(routes.items()):
         try:
             rules.validate(model, route, ready)
@@ -92,7 +99,7 @@ def apply_routes_file(
     control.refresh()  # another process (a worker) may have applied the file already
     stored = control.table.routes
     entries = []
-    for model in sorted(set(routes) | set(stored)):
+    for model in sorted((set(routes) | set(stored)) - rolling):
         wanted = routes.get(model)
         if stored.get(model) == wanted:
             continue

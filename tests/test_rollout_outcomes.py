@@ -130,7 +130,25 @@ def test_equal_opportunity_gate_compares_the_tpr_gaps_between_groups() -> None:
     # Groups below the model's fairness_min_group do not count: with one group left, it waits.
     small = (Group("north", 20, 10, 1), Group("south", 380, 190, 180))
     waiting = equal_opportunity_gate(_classified(400, 300, small), base, th, 0.95, min_group=30)
-    assert waiting.verdict == "wait" and "candidate 1, baseline 2; need 2 each" in waiting.summary
+    assert waiting.verdict == "wait" and "candidate 1, baseline 1; need 2 each" in waiting.summary
+
+
+def test_equal_opportunity_compares_only_groups_large_enough_on_both_sides() -> None:
+    # A third group, low TPR under both models, counted on the (bigger) candidate side only: it must not
+    # widen the candidate's gap alone.
+    th = Thresholds(min_labelled=50, max_equal_opportunity_gap_increase=0.05, fairness_attribute="region")
+    base = _classified(400, 380, (Group("north", 200, 100, 95), Group("south", 180, 90, 85), Group("isle", 20, 10, 5)))
+    same = (Group("north", 200, 100, 95), Group("south", 180, 90, 85), Group("isle", 40, 20, 10))
+    result = equal_opportunity_gate(_classified(440, 400, same), base, th, 0.95, min_group=30)
+    assert result.verdict == "pass" and result.figures["candidate_gap"] == pytest.approx(0.95 - 85 / 90)
+
+
+def test_mae_gate_never_passes_on_non_finite_errors_and_waits_for_two_labels() -> None:
+    th = Thresholds(min_labelled=1, mae_not_worse_by=0.1)
+    base = Labelled(200, mae=0.2, abs_error_var=0.04)
+    assert mae_gate(Labelled(200, mae=math.nan, abs_error_var=math.nan), base, th, 0.95).verdict == "fail"
+    assert mae_gate(Labelled(200, mae=math.inf, abs_error_var=math.nan), base, th, 0.95).verdict == "fail"
+    assert mae_gate(Labelled(1, mae=0.2, abs_error_var=math.nan), base, th, 0.95).verdict == "wait"
 
 
 def test_outcome_thresholds_are_validated_and_survive_the_plans_stored_form() -> None:

@@ -90,6 +90,15 @@ def test_the_file_replaces_an_operators_edit_and_rollback_undoes_that(control: R
     assert control.route("credit") == edited
 
 
+def test_a_model_with_a_rollout_under_way_keeps_its_route(control: RouteControl, tmp_path: Path) -> None:
+    edited = Route(split=(("1", 9000), ("2", 1000)))
+    control.change("credit", edited, who="rollout", why="step 1", action="split")
+    control.change("fraud", Route(split=(("1", 10000),)), who="alice", why="pin v1", action="split")
+    path = _file(tmp_path, '[routes.credit]\nsplit = [["2", 10000]]\n')
+    entries = apply_routes_file(control, path, READY, rolling={"credit", "fraud"})
+    assert entries == [] and control.route("credit") == edited and control.route("fraud") is not None
+
+
 def test_a_model_the_file_does_not_name_loses_its_route(control: RouteControl, tmp_path: Path) -> None:
     control.change("fraud", Route(split=(("1", 10000),)), who="alice", why="pin v1", action="split")
     path = _file(tmp_path, '[routes.credit]\nsplit = [["2", 10000]]\n')
