@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,7 @@ from gateway.feedback.metrics import Rate
 from gateway.feedback.quality import VersionQuality, quality, task_of
 from gateway.feedback.store import FeedbackStore
 from gateway.lifecycle import ModelLifecycle
+from gateway.ood.drift import WindowCounts, compare
 from gateway.ood.profile import N_BINS
 from gateway.protocol import admin as pb
 from gateway.repository import ModelRepository, ModelVersion
@@ -151,13 +153,20 @@ def _rollout(rollout: Rollout, elapsed_s: float) -> Any:
     )
 
 
-def _version_drift(version: ModelVersion) -> Any:
-    """The version's recent inputs against its training profile, fresh (the alert as last evaluated)."""
+def _version_drift(version: ModelVersion, others: tuple[list[WindowCounts], bool] = ([], False)) -> Any:
+    """The version's recent inputs against its training profile, fresh (the alert as last evaluated); with
+    `others` (other workers' windows and whether any has its alert on), over all of them together."""
     message = pb.VersionDrift(version=version.version, has_profile=version.drift is not None)
     monitor = version.drift
     if monitor is None:
         return message
-    report = monitor.peek()
+    windows, alert_elsewhere = others
+    if windows:
+        counts = functools.reduce(WindowCounts.plus, windows, monitor.counts())
+        merged = compare(monitor.profile, counts, monitor.psi_threshold, monitor.ks_threshold, monitor.min_rows)
+        report = dataclasses.replace(merged, alert=monitor.alert or alert_elsewhere)
+    else:
+        report = dataclasses.replace(monitor.peek(), alert=monitor.alert or alert_elsewhere)
     profile = report.profile
     message.window_rows = report.n_rows
     message.observed_rows = monitor.observed
@@ -403,7 +412,8 @@ class AdminServicer:
         self._known(request.model, required=True)
         response = pb.GetDriftResponse(model=request.model)
         for version in self._repository.versions_of(request.model).values():
-            response.versions.append(_version_drift(version))
+            others = self._traffic.others_drift(request.model, version.version)
+            response.versions.append(_version_drift(version, others))
         return response
 
     @refusals_answered(pb.ListModelsResponse)

@@ -89,7 +89,12 @@ class Gateway:
         )
         board = None if worker is None else WorkerBoard(config.workers_dir, worker.slot, worker.restarts, worker.count)
         self.gateway_traffic = GatewayTraffic(
-            self.traffic, self._own_agreement, self._own_drift_alerts, board, self.repository.ready_map
+            self.traffic,
+            self._own_agreement,
+            self._own_drift_alerts,
+            board,
+            self.repository.ready_map,
+            self._own_drift_counts,
         )
         auth = config.auth
         self.service = InferenceService(
@@ -170,6 +175,14 @@ class Gateway:
         if self.worker is None:
             return self.repository.ready_map()
         return self.gateway_traffic.ready_everywhere()
+
+    def _own_drift_counts(self) -> dict[tuple[str, str], list[object]]:
+        """Each profiled version's drift window as of the last drift check, for the other workers."""
+        return {
+            (v.name, v.version): v.drift_report.counts.to_lists()
+            for v in self.repository.all_versions()
+            if v.drift_report is not None and v.drift_report.counts is not None
+        }
 
     def _own_agreement(self) -> dict[AgreementKey, Agreement]:
         return {key: (s.compared, s.agreed, s.failed, s.shed) for key, s in list(self.shadows.agreement.items())}

@@ -23,6 +23,7 @@ from typing import Any
 import lmdb
 import msgpack
 
+from gateway.ood.drift import WindowCounts
 from gateway.stats import LATENCY_BUCKETS, Counts, Traffic, TrafficSummary
 
 HISTORY_S = 900  # the longest status window a multi-worker gateway can answer
@@ -46,6 +47,7 @@ class WorkerSnapshot:
     counts: dict[TrafficKey, Counts] = field(default_factory=dict)
     agreement: dict[AgreementKey, Agreement] = field(default_factory=dict)
     drift_alerts: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (model, version) → features
+    drift_counts: dict[tuple[str, str], list[object]] = field(default_factory=dict)  # WindowCounts.to_lists()
     serving: bool = False  # listening with its models warm
     ready: dict[str, list[str]] = field(default_factory=dict)  # model → its ready versions here
 
@@ -145,6 +147,7 @@ class WorkerBoard:
                 "counts": _pack_counts(snapshot.counts),
                 "agreement": [[*key, *value] for key, value in snapshot.agreement.items()],
                 "drift_alerts": [[*key, features] for key, features in snapshot.drift_alerts.items()],
+                "drift_counts": [[*key, counts] for key, counts in snapshot.drift_counts.items()],
                 "serving": snapshot.serving,
                 "ready": snapshot.ready,
             }
@@ -205,6 +208,7 @@ def _snapshot(slot: int, data: dict[str, Any]) -> WorkerSnapshot:
         _unpack_counts(data["counts"]),
         {(m, p, s): (c, a, f, shed) for m, p, s, c, a, f, shed in data["agreement"]},
         {(m, v): features for m, v, features in data["drift_alerts"]},
+        {(m, v): counts for m, v, counts in data.get("drift_counts", [])},
         data.get("serving", False),
         data.get("ready", {}),
     )
@@ -236,7 +240,9 @@ class GatewayTraffic:
         drift_alerts: Callable[[], dict[tuple[str, str], list[str]]],
         board: WorkerBoard | None,
         ready: Callable[[], Mapping[str, AbstractSet[str]]] = dict,
+        drift_counts: Callable[[], dict[tuple[str, str], list[object]]] = dict,
     ) -> None:
+        self._drift_counts = drift_counts
         self._traffic = traffic
         self._agreement = agreement
         self._drift_alerts = drift_alerts
@@ -248,6 +254,7 @@ class GatewayTraffic:
         assert self.board is not None
         snapshot = self.board.totals(self._traffic.all_counts(), self._agreement())
         snapshot.drift_alerts = self._drift_alerts()
+        snapshot.drift_counts = self._drift_counts()
         snapshot.serving = self.serving
         snapshot.ready = {model: sorted(versions) for model, versions in self._ready().items()}
         return snapshot
@@ -301,6 +308,22 @@ class GatewayTraffic:
             for key, features in worker.drift_alerts.items():
                 merged[key] = sorted(set(merged.get(key, [])) | set(features))
         return merged
+
+    def others_drift(self, model: str, version: str) -> tuple[list[WindowCounts], bool]:
+        """The other workers' drift windows of a version (as of their last drift check) and whether any of
+        them has its alert on; nothing for a single process."""
+        if self.board is None:
+            return [], False
+        fresh_ns = time.time_ns() - int(STALE_S * 1e9)
+        others = [
+            w for w in self.board.snapshots() if w.slot != self.board.slot and w.serving and w.updated_ns >= fresh_ns
+        ]
+        windows = [
+            WindowCounts.from_lists(w.drift_counts[(model, version)])
+            for w in others
+            if (model, version) in w.drift_counts
+        ]
+        return windows, any((model, version) in w.drift_alerts for w in others)
 
     def summaries(self, now_ns: int, window_s: float) -> dict[TrafficKey, TrafficSummary]:
         """Each (model, version, role)'s traffic over the last `window_s` seconds."""

@@ -13,7 +13,7 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from gateway.ood.drift import DriftMonitor, FeatureHistogram, plot_drift, plot_histograms
+from gateway.ood.drift import DriftMonitor, FeatureHistogram, WindowCounts, compare, plot_drift, plot_histograms
 from gateway.ood.profile import Profile, build_profile
 
 SHIFTED = [20, 28, 36]  # three central pixels, busy in every digit
@@ -223,3 +223,24 @@ def test_histograms_plot_from_plain_data(tmp_path: Path) -> None:
 
 def _png_height(path: Path) -> int:
     return int.from_bytes(path.read_bytes()[20:24], "big")
+
+
+def test_windows_of_several_workers_add_up_to_one_window_of_all_their_rows(
+    digits: tuple[Profile, np.ndarray, np.ndarray],
+) -> None:
+    profile, live, _ = digits
+    rows = np.vstack([live[:300], _shifted(profile, live[300:700])])
+    rows[5, 3] = np.nan  # a missing value counts in neither bins nor grid, on either side
+    one, two, together = (DriftMonitor(profile, window=len(rows), min_rows=100) for _ in range(3))
+    one.observe(rows[:250], flagged_count=3)
+    two.observe(rows[250:], flagged_count=7)
+    together.observe(rows)
+    merged = compare(profile, one.counts().plus(two.counts()), 0.2, 0.2, 100)
+    alone = together.peek()
+    np.testing.assert_allclose(merged.psi, alone.psi)
+    np.testing.assert_allclose(merged.ks, alone.ks)
+    np.testing.assert_allclose(merged.live_fractions, alone.live_fractions)
+    assert merged.drifting == alone.drifting and set(merged.drifting) >= set(SHIFTED)
+    assert merged.n_rows == len(rows) and merged.ood_rate == pytest.approx(10 / len(rows))
+    again = WindowCounts.from_lists(one.counts().to_lists())
+    assert np.array_equal(again.bins, one.counts().bins) and again.n_rows == 250

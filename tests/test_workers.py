@@ -20,13 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from conftest import GatewayProcess
 from models import mlp_graph, save_model
 from test_admin_cli import cli
 from test_routing import Admin, _mlp, _split
 
-from gateway.ood.profile import PROFILE_FILE
+from gateway.ood.profile import PROFILE_FILE, build_profile, save_profile
 from gateway.protocol import Stub, admin
 from gateway.requestlog.reader import LogReader, Query
 from gateway.workerboard import PUBLISH_INTERVAL_S
@@ -229,6 +230,28 @@ def test_a_second_gateway_cannot_take_the_port_of_a_running_one(workers: Gateway
     result = subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert f"server.port: cannot listen on 127.0.0.1:{workers.port}: Address already in use" in result.stderr
+
+
+def test_get_drift_reports_every_workers_window_together(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    path = save_model(tmp_path / "models", "mlp", "1", mlp_graph(seed=0))
+    save_profile(build_profile(rng.standard_normal((2000, 32))), path / PROFILE_FILE)
+    config = "[ood]\ndrift_check_interval_s = 0.2\ndrift_min_rows = 10\n"
+    gateway = GatewayProcess(tmp_path / "models", config, tmp_path, workers=2)
+    try:
+        gateway.wait_ready()
+        _infer_on_new_connections(gateway.address, 40, "drift")
+        assert {r.worker for r in _records(gateway, "drift-")} == {0, 1}
+        deadline = time.monotonic() + 20
+        while True:  # each worker checks drift every 0.2 s and publishes its window every second
+            (v1,) = Admin(gateway).GetDrift(admin.GetDriftRequest(model="mlp")).versions
+            if v1.window_rows == 40 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert v1.window_rows == 40  # one worker alone saw fewer
+        assert len(v1.features) == 32 and all(sum(f.live_fractions) == pytest.approx(1.0) for f in v1.features)
+    finally:
+        assert gateway.stop() == 0, gateway.log
 
 
 def test_sigterm_drains_every_worker(two_versions: Path, tmp_path: Path) -> None:

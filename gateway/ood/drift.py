@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from gateway.ood.profile import N_BINS, Array, Profile
+from gateway.ood.profile import KS_POINTS, N_BINS, Array, Profile
 
 PSI_EPSILON = 1e-4  # stands in for an empty bin's fraction: ln(0) would make PSI infinite
 
@@ -37,6 +37,7 @@ class DriftReport:
     drifting: tuple[int, ...]  # drifting feature indices, largest PSI first (none below min_rows)
     alert: bool
     changed: bool  # this report fired or cleared the alert: the caller logs it
+    counts: WindowCounts | None = None  # the window it was computed from
 
     @property
     def drifting_features(self) -> tuple[str, ...]:
@@ -161,34 +162,87 @@ class DriftMonitor:
 
     def peek(self) -> DriftReport:
         """The comparison without touching the alert state (for metrics or a plot)."""
+        report = compare(self.profile, self.counts(), self.psi_threshold, self.ks_threshold, self.min_rows)
+        return replace(report, alert=self._alert)
+
+    def counts(self) -> WindowCounts:
+        """The window as counts against the profile's bins and grid (what adds up across workers)."""
         self._flush()
         profile = self.profile
         n = self._filled
-        n_features = profile.n_features
-        psi = np.zeros(n_features)
-        ks = np.zeros(n_features)
-        live = np.zeros((n_features, N_BINS))
         ordered = np.sort(self._rows[:n], axis=0)  # NaN sorts last and is left out below
-        counts = n - np.isnan(ordered).sum(axis=0)
-        for f in range(n_features):
-            m = int(counts[f])
-            if m == 0:
-                continue
+        present = n - np.isnan(ordered).sum(axis=0)
+        bins = np.zeros((profile.n_features, N_BINS), dtype=np.int64)
+        at_or_below = np.zeros((profile.n_features, KS_POINTS), dtype=np.int64)
+        for f in range(profile.n_features):
+            m = int(present[f])
             column = ordered[:m, f]
             # Bin b holds edge[b] <= x < edge[b + 1], outer bins open-ended: as the profile counted training rows.
             below = np.searchsorted(column, profile.bin_edges[f, 1:-1], side="left")
-            live[f] = np.diff(below, prepend=0, append=m) / m
-            actual = np.maximum(live[f], PSI_EPSILON)
-            expected = np.maximum(profile.bin_fractions[f], PSI_EPSILON)
-            psi[f] = float(np.sum((actual - expected) * np.log(actual / expected)))
-            cdf = np.searchsorted(column, profile.ks_grid[f], side="right") / m
-            ks[f] = float(np.max(np.abs(cdf - profile.ks_cdf[f])))
-        drifting: tuple[int, ...] = ()
-        if n >= self.min_rows:
-            over = np.flatnonzero((psi > self.psi_threshold) | (ks > self.ks_threshold))
-            drifting = tuple(int(i) for i in over[np.argsort(-psi[over], kind="stable")])
-        ood_rate = float(self._flagged[:n].mean()) if n else 0.0
-        return DriftReport(profile, n, psi, ks, live, ood_rate, drifting, self._alert, False)
+            bins[f] = np.diff(below, prepend=0, append=m)
+            at_or_below[f] = np.searchsorted(column, profile.ks_grid[f], side="right")
+        return WindowCounts(n, int(self._flagged[:n].sum()), present.astype(np.int64), bins, at_or_below)
+
+
+@dataclass(frozen=True, eq=False)
+class WindowCounts:
+    """A drift window as counts: per feature, values present, values per PSI bin and values at or below each
+    KS grid point. PSI and KS are functions of these, and they add up, so the windows of several workers
+    compare with the profile exactly as one window of all their rows would."""
+
+    n_rows: int
+    flagged: int
+    present: npt.NDArray[np.int64]  # (F,)
+    bins: npt.NDArray[np.int64]  # (F, N_BINS)
+    at_or_below: npt.NDArray[np.int64]  # (F, KS_POINTS)
+
+    def plus(self, other: WindowCounts) -> WindowCounts:
+        return WindowCounts(
+            self.n_rows + other.n_rows,
+            self.flagged + other.flagged,
+            self.present + other.present,
+            self.bins + other.bins,
+            self.at_or_below + other.at_or_below,
+        )
+
+    def to_lists(self) -> list[object]:
+        return [self.n_rows, self.flagged, self.present.tolist(), self.bins.tolist(), self.at_or_below.tolist()]
+
+    @classmethod
+    def from_lists(cls, data: Sequence[object]) -> WindowCounts:
+        n_rows, flagged, present, bins, at_or_below = data
+        return cls(
+            int(n_rows),  # type: ignore[call-overload]
+            int(flagged),  # type: ignore[call-overload]
+            np.asarray(present, dtype=np.int64),
+            np.asarray(bins, dtype=np.int64),
+            np.asarray(at_or_below, dtype=np.int64),
+        )
+
+
+def compare(
+    profile: Profile, counts: WindowCounts, psi_threshold: float, ks_threshold: float, min_rows: int
+) -> DriftReport:
+    """PSI and KS per feature of a window (as counts) against the profile; the alert is left off."""
+    n_features = profile.n_features
+    psi = np.zeros(n_features)
+    ks = np.zeros(n_features)
+    live = np.zeros((n_features, N_BINS))
+    for f in range(n_features):
+        m = int(counts.present[f])
+        if m == 0:
+            continue
+        live[f] = counts.bins[f] / m
+        actual = np.maximum(live[f], PSI_EPSILON)
+        expected = np.maximum(profile.bin_fractions[f], PSI_EPSILON)
+        psi[f] = float(np.sum((actual - expected) * np.log(actual / expected)))
+        ks[f] = float(np.max(np.abs(counts.at_or_below[f] / m - profile.ks_cdf[f])))
+    drifting: tuple[int, ...] = ()
+    if counts.n_rows >= min_rows:
+        over = np.flatnonzero((psi > psi_threshold) | (ks > ks_threshold))
+        drifting = tuple(int(i) for i in over[np.argsort(-psi[over], kind="stable")])
+    ood_rate = counts.flagged / counts.n_rows if counts.n_rows else 0.0
+    return DriftReport(profile, counts.n_rows, psi, ks, live, ood_rate, drifting, False, False, counts)
 
 
 @dataclass(frozen=True)
