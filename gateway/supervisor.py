@@ -102,6 +102,7 @@ class Supervisor:
             self._reserved.append(_reserve(config.server.host, admin_port, "admin.port"))
         self._config = replace(config, server=replace(config.server, port=port))
         self._workers: dict[int, _Worker] = {}
+        self._draining: list[_Worker] = []  # the workers serving when a stop signal came
         self._started_ns = time.time_ns()
 
     def _start(self, slot: int, restarts: int) -> _Worker:
@@ -120,6 +121,7 @@ class Supervisor:
     def _signal(self, signum: int, _frame: FrameType | None) -> None:
         if not self._stopping:
             log.info("%s: draining %d workers", signal.Signals(signum).name, len(self._workers))
+            self._draining = [w for w in self._workers.values() if w.process.is_alive()]
         self._stopping = True
         for worker in self._workers.values():
             if worker.process.is_alive():
@@ -203,9 +205,11 @@ class Supervisor:
         """SIGTERM every worker, wait for each to drain; 0 when all exited cleanly."""
         self._stopping = True
         grace = self._config.server.grace_period_s + 30  # the drain, the log's last fsync, telemetry's flush
-        serving = [w for w in self._workers.values() if w.process.is_alive()]
+        # The workers that were serving when the stop began: each must drain and exit cleanly.
+        serving = self._draining or [w for w in self._workers.values() if w.process.is_alive()]
         for worker in serving:
-            worker.process.terminate()
+            if worker.process.is_alive():
+                worker.process.terminate()
         clean = True
         for worker in serving:
             worker.process.join(grace)

@@ -263,6 +263,16 @@ def test_sigterm_drains_every_worker(two_versions: Path, tmp_path: Path) -> None
     assert gateway.log.count("gateway.server: stopped") == 2
 
 
+def test_a_worker_that_dies_while_draining_makes_the_gateway_exit_non_zero(two_versions: Path, tmp_path: Path) -> None:
+    gateway = GatewayProcess(two_versions, None, tmp_path, workers=2)
+    gateway.wait_ready()
+    victim = _status(gateway).workers[1].pid
+    gateway.process.send_signal(signal.SIGTERM)
+    os.kill(victim, signal.SIGKILL)  # during its drain: the drain did not complete
+    assert gateway.process.wait(60) == 1, gateway.log
+    assert "worker 1 exited with code -9 while draining" in gateway.log
+
+
 def test_a_worker_that_cannot_start_stops_the_gateway_with_its_exit_code(tmp_path: Path) -> None:
     path = save_model(tmp_path / "models", "m", "1", mlp_graph()) / PROFILE_FILE
     path.write_bytes(b"not a profile")
