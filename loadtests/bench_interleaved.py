@@ -1,0 +1,135 @@
+"""Two gateway configurations measured side by side: both running at once, load alternating between them.
+
+On a shared machine a neighbour can take a third of a core for a few seconds and then leave, so
+variants measured one after the other (bench_variants) differ by more than the few percent some
+targets are about. Here both gateways (any two of bench_variants' variants) start first, pinned to
+the same server CPU, each with its own state directory; the load generator (on the other CPU) then
+drives them in short windows in ABBA order (A B, B A, A B, ...), so each pair of windows sees nearly
+the same machine, and the verdict is the median of the per-pair throughput ratios. The idle gateway
+only ticks in the background (worker board, route poll, exporters), for both alike.
+
+    python loadtests/bench_interleaved.py --variants single,telemetry-1pct [--pairs 20] [--window 2]
+                                          [--warmup 0.5] [--concurrency 16] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+from bench_core import choose_placement, gateway_argv, gateway_source, running
+from bench_variants import (
+    STICKY_HEADER,
+    TARGETS,
+    VARIANTS_BY_NAME,
+    VERSIONS,
+    Variant,
+    build_profiled_repository,
+    otlp_sink,
+    set_route,
+    variant_config,
+)
+from loadgen import LoadSpec
+from models import VersionedOutputCheck, build_infer_request, build_repository
+
+
+def target_ratio(candidate: str, baseline: str) -> float | None:
+    """The issue's target for candidate / baseline throughput, if there is one."""
+    return next((t.ratio for t in TARGETS if (t.variant, t.reference) == (candidate, baseline)), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="two gateway configurations, load alternating between them")
+    parser.add_argument("--variants", default="single,telemetry-1pct", help="BASELINE,CANDIDATE from bench_variants")
+    parser.add_argument("--pairs", type=int, default=20, help="window pairs (ABBA order)")
+    parser.add_argument("--window", type=float, default=2.0, help="measured seconds per window")
+    parser.add_argument("--warmup", type=float, default=0.5, help="seconds of load before each window, not measured")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--sticky-keys", type=int, default=10_000)
+    parser.add_argument("--json", type=Path, help="also write every window to this file")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.variants.split(",")]
+    if len(names) != 2 or any(n not in VARIANTS_BY_NAME for n in names) or names[0] == names[1]:
+        parser.error(f"--variants: two different ones of {', '.join(VARIANTS_BY_NAME)}")
+    if args.pairs < 1 or args.window <= 0:
+        parser.error("--pairs must be at least 1 and --window positive")
+    baseline, candidate = (VARIANTS_BY_NAME[n] for n in names)
+    placement = choose_placement()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-interleaved-"))
+    print(f"placement: {placement.description}\ngateway: {gateway_source()}", flush=True)
+    repositories = {False: build_repository(workdir / "models", VERSIONS)}
+    if baseline.profiled or candidate.profiled:
+        repositories[True] = build_profiled_repository(workdir / "models-profiled")
+    body, check = build_infer_request(), VersionedOutputCheck(VERSIONS)
+
+    with ExitStack() as stack:
+        endpoint = stack.enter_context(otlp_sink(placement, workdir)) if baseline.exports or candidate.exports else ""
+        servers = {}
+        for variant in (baseline, candidate):
+            state_dir = workdir / f"state-{variant.name}"
+            config = workdir / f"{variant.name}.toml"
+            config.write_text(variant_config(variant, None, endpoint))
+            command = [*gateway_argv(repositories[variant.profiled]), "--state-dir", str(state_dir)]
+            server = stack.enter_context(
+                running(variant.name, [*command, "--config", str(config)], placement, workdir, variant.env)
+            )
+            server.wait_ready(body, check)
+            if variant.route is not None:
+                set_route(server, state_dir, variant.route)
+            servers[variant.name] = server
+
+        def window(variant: Variant) -> tuple[float, float]:
+            """(throughput, server µs of CPU per request) of one window on `variant`'s gateway."""
+            spec = LoadSpec(
+                target=servers[variant.name].target,
+                body=body,
+                concurrency=args.concurrency,
+                duration_s=args.window,
+                warmup_s=args.warmup,
+                cpus=placement.client_cpus,
+                sticky_keys=0 if variant.streaming else args.sticky_keys,
+                sticky_header=STICKY_HEADER,
+                streaming=variant.streaming,
+            )
+            point = servers[variant.name].drive(spec)
+            errors = sum(point.load.errors.values())
+            if errors:
+                raise RuntimeError(f"{variant.name}: {errors} failed calls in a window: {point.load.errors}")
+            return point.load.throughput, point.server_us_per_request
+
+        windows = []
+        for number in range(1, args.pairs + 1):
+            order = (baseline, candidate) if number % 2 else (candidate, baseline)
+            figures = {v.name: window(v) for v in order}
+            (base_rate, base_us), (cand_rate, cand_us) = figures[baseline.name], figures[candidate.name]
+            windows.append({"pair": number, "order": [v.name for v in order], **figures})
+            print(
+                f"pair {number:3}: {baseline.name} {base_rate:7.0f} req/s {base_us:5.0f} us/req   "
+                f"{candidate.name} {cand_rate:7.0f} req/s {cand_us:5.0f} us/req   ratio {cand_rate / base_rate:.3f}",
+                flush=True,
+            )
+
+    ratios = [w[candidate.name][0] / w[baseline.name][0] for w in windows]
+    cpu_ratios = [w[baseline.name][1] / w[candidate.name][1] for w in windows]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    median = statistics.median(ratios)
+    target = target_ratio(candidate.name, baseline.name)
+    verdict = "" if target is None else f" (target >= {target}: {'met' if median >= target else 'missed'})"
+    print(f"\n{candidate.name} / {baseline.name} throughput at c{args.concurrency}, {len(ratios)} pairs:")
+    print(f"  median {median:.3f}{verdict}; quartiles {quartiles[0]:.3f} .. {quartiles[2]:.3f}")
+    print(f"  pooled {sum(w[candidate.name][0] for w in windows) / sum(w[baseline.name][0] for w in windows):.3f}")
+    print(f"  server CPU per request, {baseline.name} / {candidate.name}: median {statistics.median(cpu_ratios):.3f}")
+    print(f"configs and server logs in {workdir}")
+    if args.json is not None:
+        report = {"gateway": gateway_source(), "settings": vars(args) | {"json": str(args.json)}, "windows": windows}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
