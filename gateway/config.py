@@ -36,6 +36,7 @@ class ServerConfig:
     workers: int = 0  # serving processes sharing the port; 0: one per core this process may use
     route_poll_ms: float = 5.0  # a route change made by another process is obeyed within this
     routes_file: str = ""  # TOML route table applied at startup (router.seed); "": routes only from the admin API
+    defer_transport_threads: bool = True  # gRPC's threads under SCHED_BATCH: no preempting the event loop
 
     def __post_init__(self) -> None:
         if self.workers < 0:

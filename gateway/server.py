@@ -34,6 +34,7 @@ from gateway.ratelimit import RateLimiter
 from gateway.repository import ModelRepository
 from gateway.requestlog.reader import LogReader
 from gateway.requestlog.writer import LogWriter
+from gateway.scheduling import defer_transport_threads
 from gateway.servicer import InferenceServicer
 from gateway.shadows import ShadowRunner
 from gateway.stats import Traffic
@@ -462,6 +463,8 @@ class Gateway:
 
     async def _start_listening(self) -> None:
         await self.server.start()
+        if self.config.server.defer_transport_threads:
+            log.debug("gRPC transport threads under SCHED_BATCH: %d", defer_transport_threads())
         security = "plaintext" if self.tls is None else "mTLS" if self.tls.mutual else "TLS"
         log.info("listening on %s:%d (%s)", self.config.server.host, self.port, security)
         if self.admin_server is not self.server:
