@@ -10,6 +10,7 @@ the sticky variant reads it, the others ignore it, so the variants differ in the
     single              baseline: no route, the highest version (2) serves everything; log on, sync = process
     log-off             [log] enabled = false (needs CANARY_GATEWAY_BENCHMARK=1, set for this variant only)
     log-fsync           [log] sync = "fsync"
+    transport-undeferred  [server] defer_transport_threads = false (gRPC's threads may preempt the loop)
     split-90-10-sticky  SetSplit(mlp, 1=9000 2=1000) and SetSticky(mlp, x-user-id) through the admin API,
                         then checked: answers per version match the split, a key always gets the same version
     streaming           as single, but the load goes over ModelStreamInfer: one stream per generator process
@@ -137,6 +138,11 @@ VARIANTS = (
     Variant("single", "no route: the highest version serves all traffic; request log on, sync = process"),
     Variant("log-off", "request log off (benchmarks only)", "[log]\nenabled = false\n", BENCHMARK_ENV),
     Variant("log-fsync", "request log with sync = fsync", '[log]\nsync = "fsync"\n'),
+    Variant(
+        "transport-undeferred",
+        "as single, gRPC's transport threads left under the default scheduler (preempting the loop)",
+        "[server]\ndefer_transport_threads = false\n",
+    ),
     Variant(
         "split-90-10-sticky",
         "two versions, 90/10 split, sticky on x-user-id",
