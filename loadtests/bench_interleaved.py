@@ -21,21 +21,20 @@ import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
-from bench_core import choose_placement, gateway_argv, gateway_source, running
+from bench_core import choose_placement, gateway_source
 from bench_variants import (
-    STICKY_HEADER,
     TARGETS,
     VARIANTS_BY_NAME,
     VERSIONS,
     Variant,
     build_profiled_repository,
     otlp_sink,
-    set_route,
-    variant_config,
+    variant_gateway,
+    variant_load,
 )
-from loadgen import LoadSpec
-from models import VersionedOutputCheck, build_infer_request, build_repository
+from models import build_repository
 
 
 def target_ratio(candidate: str, baseline: str) -> float | None:
@@ -65,36 +64,28 @@ def main(argv: list[str] | None = None) -> int:
     repositories = {False: build_repository(workdir / "models", VERSIONS)}
     if baseline.profiled or candidate.profiled:
         repositories[True] = build_profiled_repository(workdir / "models-profiled")
-    body, check = build_infer_request(), VersionedOutputCheck(VERSIONS)
 
     with ExitStack() as stack:
         endpoint = stack.enter_context(otlp_sink(placement, workdir)) if baseline.exports or candidate.exports else ""
-        servers = {}
-        for variant in (baseline, candidate):
-            state_dir = workdir / f"state-{variant.name}"
-            config = workdir / f"{variant.name}.toml"
-            config.write_text(variant_config(variant, None, endpoint))
-            command = [*gateway_argv(repositories[variant.profiled]), "--state-dir", str(state_dir)]
-            server = stack.enter_context(
-                running(variant.name, [*command, "--config", str(config)], placement, workdir, variant.env)
+        servers = {
+            v.name: stack.enter_context(
+                variant_gateway(
+                    v, v.name, workdir / f"state-{v.name}", repositories, placement, workdir, None, endpoint
+                )
             )
-            server.wait_ready(body, check)
-            if variant.route is not None:
-                set_route(server, state_dir, variant.route)
-            servers[variant.name] = server
+            for v in (baseline, candidate)
+        }
 
         def window(variant: Variant) -> tuple[float, float]:
             """(throughput, server µs of CPU per request) of one window on `variant`'s gateway."""
-            spec = LoadSpec(
-                target=servers[variant.name].target,
-                body=body,
+            spec = variant_load(
+                variant,
+                servers[variant.name].target,
+                placement,
+                args.sticky_keys,
                 concurrency=args.concurrency,
                 duration_s=args.window,
                 warmup_s=args.warmup,
-                cpus=placement.client_cpus,
-                sticky_keys=0 if variant.streaming else args.sticky_keys,
-                sticky_header=STICKY_HEADER,
-                streaming=variant.streaming,
             )
             point = servers[variant.name].drive(spec)
             errors = sum(point.load.errors.values())
@@ -102,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"{variant.name}: {errors} failed calls in a window: {point.load.errors}")
             return point.load.throughput, point.server_us_per_request
 
-        windows = []
+        windows: list[dict[str, Any]] = []
         for number in range(1, args.pairs + 1):
             order = (baseline, candidate) if number % 2 else (candidate, baseline)
             figures = {v.name: window(v) for v in order}

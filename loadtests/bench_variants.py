@@ -60,7 +60,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -376,6 +376,43 @@ def otlp_sink(placement: Placement, workdir: Path) -> Iterator[str]:
             print(f"OTLP sink: {sink.communicate(timeout=10)[0].strip()}", flush=True)
 
 
+@contextmanager
+def variant_gateway(
+    variant: Variant,
+    label: str,
+    state_dir: Path,
+    repositories: Mapping[bool, Path],
+    placement: Placement,
+    workdir: Path,
+    common: Path | None,
+    otlp_endpoint: str,
+) -> Iterator[Server]:
+    """The variant's gateway, started pinned with its config and environment, ready, its route set."""
+    config = workdir / f"{variant.name}.toml"
+    config.write_text(variant_config(variant, common, otlp_endpoint))
+    command = gateway_argv(repositories[variant.profiled])
+    command += ["--state-dir", str(state_dir), "--config", str(config)]
+    with running(label, command, placement, workdir, variant.env) as server:
+        server.wait_ready(build_infer_request(), VersionedOutputCheck(VERSIONS))
+        if variant.route is not None:
+            set_route(server, state_dir, variant.route)
+        yield server
+
+
+def variant_load(variant: Variant, target: str, placement: Placement, sticky_keys: int, **bounds: Any) -> LoadSpec:
+    """The benchmark request at `target` the variant's way (streamed or unary); `bounds`: concurrency,
+    duration_s, warmup_s and the rest of LoadSpec's fields."""
+    return LoadSpec(
+        target=target,
+        body=build_infer_request(),
+        cpus=placement.client_cpus,
+        sticky_keys=0 if variant.streaming else sticky_keys,  # a stream's metadata is per stream
+        sticky_header=STICKY_HEADER,
+        streaming=variant.streaming,
+        **bounds,
+    )
+
+
 def run_variant(
     variant: Variant,
     args: argparse.Namespace,
@@ -385,37 +422,30 @@ def run_variant(
     number: int,
     otlp_endpoint: str,
 ) -> Measured:
-    body, check = build_infer_request(), VersionedOutputCheck(VERSIONS)
-    repository = repositories[variant.profiled]
+    body = build_infer_request()
     state_dir = workdir / f"state-r{number}-{variant.name}"
-    config = workdir / f"{variant.name}.toml"
-    config.write_text(variant_config(variant, args.gateway_config, otlp_endpoint))
-    command = gateway_argv(repository)
-    command += ["--state-dir", str(state_dir), "--config", str(config)]
     label = f"{variant.name} r{number}"
     routing_check = None
-    with running(label, command, placement, workdir, variant.env) as server:
-        server.wait_ready(body, check)
+    with variant_gateway(
+        variant, label, state_dir, repositories, placement, workdir, args.gateway_config, otlp_endpoint
+    ) as server:
         if variant.route is not None:
-            set_route(server, state_dir, variant.route)
             routing_check = check_routing(server, body, variant.route)
             print(f"{variant.name}: {variant.route.describe()}; routing check: {routing_check}", flush=True)
         points: list[Point] = []
         other_load: list[OtherLoad] = []
         counts: dict[str, int] = {}
         for concurrency in (args.concurrency, 1):
-            spec = LoadSpec(
-                target=server.target,
-                body=body,
+            spec = variant_load(
+                variant,
+                server.target,
+                placement,
+                args.sticky_keys,
                 concurrency=concurrency,
                 processes=args.processes,
                 duration_s=args.duration,
                 requests=args.requests,
                 warmup_s=args.warmup,
-                cpus=placement.client_cpus,
-                sticky_keys=0 if variant.streaming else args.sticky_keys,  # a stream's metadata is per stream
-                sticky_header=STICKY_HEADER,
-                streaming=variant.streaming,
             )
             before = version_counts(server.channel)
             meter = OtherLoadMeter(placement)
