@@ -233,11 +233,12 @@ def _admit(version: ModelVersion) -> None:
     latency of admitted requests bounded when more arrive than the model can run."""
     serving = version.serving
     assert version.batcher is not None
-    queue_limit = serving.queue_limit
-    if queue_limit and version.batcher.queued >= queue_limit:
+    bound = version.batcher.bound
+    if bound is not None and not bound.admits(version.batcher.queued, time.monotonic()):
+        standing = "; the queue stood full, so it holds one batch until the overload passes" if bound.standing else ""
         raise ResourceExhausted(
-            f"model {version.name!r} version {version.version!r}: max_queue reached ({queue_limit} requests "
-            "waiting for the model); try again later",
+            f"model {version.name!r} version {version.version!r}: max_queue reached ({bound.limit} requests "
+            f"waiting for the model{standing}); try again later",
             limit="max_queue",
         )
     if serving.max_in_flight and version.in_flight >= serving.max_in_flight:
