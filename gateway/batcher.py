@@ -31,7 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from gateway.errors import DeadlineExceeded, GatewayError, ModelExecutionError
-from gateway.queuebound import QueueBound
 from gateway.runtime import OnnxModel
 from gateway.stats import VersionStats
 
@@ -84,10 +83,8 @@ class MicroBatcher:
         max_batch_wait_us: int,
         inline: bool,
         label: str = "",
-        bound: QueueBound | None = None,
     ) -> None:
         self._label = label  # "model 'x' version '1'", for messages
-        self.bound = bound  # how many may wait (None: unlimited); checked by the caller before `run`
         self._model = model
         self._stats = stats
         self._max_rows = max(1, max_batch_size) if model.batchable else 1
@@ -206,8 +203,6 @@ class MicroBatcher:
                 rest.append(p)
         self._queue = rest
         self._queued_rows -= rows
-        if self.bound is not None:
-            self.bound.taken(len(rest))
         return batch
 
     def _expire(self, pending: _Pending, now: float) -> None:
@@ -263,8 +258,6 @@ class MicroBatcher:
         merged_at = time.perf_counter_ns()
         merged = self._run(feeds, total)
         ran_at = time.perf_counter_ns()
-        if self.bound is not None:
-            self.bound.ran((ran_at - merged_at) / 1e9)
         results: _Results
         if isinstance(merged, GatewayError):
             results = [merged] if len(batch) == 1 else [self._run(p.feeds, p.rows) for p in batch]

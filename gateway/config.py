@@ -7,6 +7,7 @@ so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import tomllib
@@ -99,6 +100,12 @@ class ModelServingConfig:
                 raise ConfigError(f"{path}.{key}: must be 0 (unlimited) or more, got {getattr(self, key)}")
         if self.max_queue < -1:
             raise ConfigError(f"{path}.max_queue: must be -1 (twice max_batch_size), 0 (unlimited) or more")
+
+    @functools.cached_property
+    def queue_limit(self) -> int:
+        """Requests that may wait in the batcher (0: unlimited). By default two full batches: once a full
+        batch waits while one runs the model runs at its peak rate, so a longer queue adds only latency."""
+        return 2 * max(1, self.max_batch_size) if self.max_queue < 0 else self.max_queue
 
 
 @dataclass(frozen=True)

@@ -233,12 +233,11 @@ def _admit(version: ModelVersion) -> None:
     latency of admitted requests bounded when more arrive than the model can run."""
     serving = version.serving
     assert version.batcher is not None
-    bound = version.batcher.bound
-    if bound is not None and not bound.admits(version.batcher.queued, time.monotonic()):
-        standing = "; the queue stood full, so it holds one batch until the overload passes" if bound.standing else ""
+    queue_limit = serving.queue_limit
+    if queue_limit and version.batcher.queued >= queue_limit:
         raise ResourceExhausted(
-            f"model {version.name!r} version {version.version!r}: max_queue reached ({bound.limit} requests "
-            f"waiting for the model{standing}); try again later",
+            f"model {version.name!r} version {version.version!r}: max_queue reached ({queue_limit} requests "
+            "waiting for the model); try again later",
             limit="max_queue",
         )
     if serving.max_in_flight and version.in_flight >= serving.max_in_flight:

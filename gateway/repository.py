@@ -21,7 +21,6 @@ from gateway.errors import ConfigError, FailedPrecondition, GatewayError, NotFou
 from gateway.ood.drift import DriftMonitor, DriftReport
 from gateway.ood.profile import PROFILE_FILE, load_profile
 from gateway.ood.scoring import OodScorer
-from gateway.queuebound import queue_bound
 from gateway.runtime import OnnxModel, TensorSpec
 from gateway.stats import VersionStats
 from router.rules import version_order
@@ -136,7 +135,6 @@ class ModelVersion:
                 self.serving.max_batch_wait_us,
                 inline,
                 label=f"model {self.name!r} version {self.version!r}",
-                bound=queue_bound(self.serving.max_queue, self.serving.max_batch_size),
             )
             self.model = model
             self.state = "READY"

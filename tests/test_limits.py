@@ -23,7 +23,6 @@ from gateway.config import from_dict
 from gateway.errors import ConfigError
 from gateway.protocol import Stub
 from gateway.protocol import inference as pb
-from gateway.queuebound import queue_bound
 from gateway.ratelimit import RateLimiter
 from gateway.requestlog.reader import LogReader
 
@@ -244,14 +243,15 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def _drive(address: str, prefix: str, callers: int, seconds: float) -> tuple[list[float], list[str], list[str]]:
+async def _drive(address: str, prefix: str, callers: int, seconds: float) -> tuple[list[float], list[str], int]:
     """Closed-loop callers for `seconds`; a refused caller backs off 5 ms, as a polite client does.
-    Returns admitted latencies, every request id sent and the refusals' messages."""
+    Returns admitted latencies, every request id sent and the number refused."""
     latencies: list[float] = []
     sent: list[str] = []
-    refused: list[str] = []
+    refused = 0
 
     async def caller(stub: Stub, n: int) -> None:
+        nonlocal refused
         end = time.monotonic() + seconds
         i = 0
         while time.monotonic() < end:
@@ -264,7 +264,7 @@ async def _drive(address: str, prefix: str, callers: int, seconds: float) -> tup
                 latencies.append(time.perf_counter() - start)
             except grpc.aio.AioRpcError as e:
                 assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
-                refused.append(e.details() or "")
+                refused += 1
                 await asyncio.sleep(0.005)
 
     async with grpc.aio.insecure_channel(address) as channel:
@@ -275,10 +275,10 @@ async def _drive(address: str, prefix: str, callers: int, seconds: float) -> tup
 
 def test_overload_sheds_keeps_admitted_latency_bounded_stays_healthy_and_recovers(gateway: GatewayProcess) -> None:
     unloaded, _, unloaded_refused = asyncio.run(_drive(gateway.address, "calm", callers=1, seconds=1.0))
-    assert unloaded_refused == []
+    assert unloaded_refused == 0
     health_answers: list[int] = []
 
-    async def overload() -> tuple[list[float], list[str], list[str]]:
+    async def overload() -> tuple[list[float], list[str], int]:
         async def watch_health() -> None:
             async with grpc.aio.insecure_channel(gateway.address) as channel:
                 health = health_pb2_grpc.HealthStub(channel)
@@ -294,19 +294,13 @@ def test_overload_sheds_keeps_admitted_latency_bounded_stays_healthy_and_recover
             watcher.cancel()
 
     admitted, sent, shed = asyncio.run(overload())
-    assert shed and admitted
-    # 48 callers keep the queue full: it shrinks from two batches to one (see gateway/queuebound.py).
-    assert "max_queue reached (4 requests" in shed[0]
-    assert any("max_queue reached (2 requests" in m and "stood full" in m for m in shed), shed[-1]
+    assert shed > 0 and admitted
     # Without shedding, 48 callers on a model that runs 2 rows at a time would wait ~24 runs each.
     unloaded_p99, admitted_p99 = _percentile(unloaded, 0.99), _percentile(admitted, 0.99)
     assert admitted_p99 < max(20 * unloaded_p99, 0.25), (admitted_p99, unloaded_p99)
     assert len(health_answers) >= 10 and set(health_answers) == {health_pb2.HealthCheckResponse.SERVING}
     recovered, _, refused_after = asyncio.run(_drive(gateway.address, "after", callers=1, seconds=0.5))
-    assert refused_after == [] and recovered
-    # Calm again: a burst finds the deep queue (one running, four waiting).
-    burst = asyncio.run(_send_all(gateway, [_request("overloaded", f"burst-{i}") for i in range(5)]))
-    assert [_status_code(o) for o in burst] == [grpc.StatusCode.OK] * 5, burst
+    assert refused_after == 0 and recovered
     reader = LogReader(gateway.state_dir / "log")
     missing = [i for i in sent if len(reader.get(i)) != 1]
     assert missing == []
@@ -320,10 +314,7 @@ def test_limit_keys_out_of_range_are_configuration_errors_naming_the_key() -> No
     with pytest.raises(ConfigError, match=r"auth\.rate_limit_per_s: must be 0 \(off\) or more"):
         from_dict({"auth": {"rate_limit_per_s": -1.0}})
     config = from_dict({"model_defaults": {"max_batch_size": 8}, "models": {"m": {"max_queue": 5}}})
-    default, fixed = (queue_bound(s.max_queue, s.max_batch_size) for s in (config.model_defaults, config.serving("m")))
-    assert default is not None and (default.deep, default.shallow) == (16, 8)
-    assert fixed is not None and (fixed.deep, fixed.shallow) == (5, 5)
-    assert queue_bound(0, 8) is None
+    assert config.model_defaults.queue_limit == 16 and config.serving("m").queue_limit == 5
 
 
 def test_a_token_bucket_refills_at_its_rate() -> None:
