@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import grpc
+from abba import abba, quartiles
 from bench_core import choose_placement, gateway_argv, running
 from loadgen import LoadSpec, run_load
 from models import INPUT_NAME, MODEL_NAME, OutputCheck, build_infer_request, build_repository, sample_input
@@ -140,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 return result.throughput, sender.stored / sender.elapsed_s
 
             ratios, rates = [], []
-            for number in range(1, args.pairs + 1):
-                order = (False, True) if number % 2 else (True, False)
+            for number, order in abba(args.pairs, False, True):
                 figures = {mode: window(mode) for mode in order}
                 (alone, _), (loaded, rate) = figures[False], figures[True]
                 ratios.append(loaded / alone)
@@ -151,12 +151,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"and {rate:7,.0f} records/s   ratio {loaded / alone:.3f}",
                     flush=True,
                 )
-            quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-            median = statistics.median(ratios)
+            low, median, high = quartiles(ratios)
             print(
                 f"\nwith / without feedback, inference throughput at c{args.concurrency}, {len(ratios)} pairs: "
                 f"median {median:.3f} (target >= 0.95: {'met' if median >= 0.95 else 'missed'}); "
-                f"quartiles {quartiles[0]:.3f} .. {quartiles[2]:.3f}\n"
+                f"quartiles {low:.3f} .. {high:.3f}\n"
                 f"feedback stored meanwhile: median {statistics.median(rates):,.0f} records/s "
                 f"(offered {args.rate:,.0f}/s; target >= 50,000)"
             )

@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from abba import abba, quartiles
 from bench_core import choose_placement, gateway_source
 from bench_variants import (
     TARGETS,
@@ -99,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             return point.load.throughput, point.server_us_per_request
 
         windows: list[dict[str, Any]] = []
-        for number in range(1, args.pairs + 1):
-            order = (baseline, candidate) if number % 2 else (candidate, baseline)
+        for number, order in abba(args.pairs, baseline, candidate):
             figures = {v.name: window(v) for v in order}
             (base_rate, base_us), (cand_rate, cand_us) = figures[baseline.name], figures[candidate.name]
             windows.append({"pair": number, "order": [v.name for v in order], **figures})
@@ -112,12 +112,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ratios = [w[candidate.name][0] / w[baseline.name][0] for w in windows]
     cpu_ratios = [w[baseline.name][1] / w[candidate.name][1] for w in windows]
-    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-    median = statistics.median(ratios)
+    low, median, high = quartiles(ratios)
     target = target_ratio(candidate.name, baseline.name)
     verdict = "" if target is None else f" (target >= {target}: {'met' if median >= target else 'missed'})"
     print(f"\n{candidate.name} / {baseline.name} throughput at c{args.concurrency}, {len(ratios)} pairs:")
-    print(f"  median {median:.3f}{verdict}; quartiles {quartiles[0]:.3f} .. {quartiles[2]:.3f}")
+    print(f"  median {median:.3f}{verdict}; quartiles {low:.3f} .. {high:.3f}")
     print(f"  pooled {sum(w[candidate.name][0] for w in windows) / sum(w[baseline.name][0] for w in windows):.3f}")
     print(f"  server CPU per request, {baseline.name} / {candidate.name}: median {statistics.median(cpu_ratios):.3f}")
     print(f"configs and server logs in {workdir}")
