@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from gateway import protocol, telemetry
 from gateway.admin import AdminServicer
@@ -52,6 +52,12 @@ INFERENCE_SERVICE = protocol.inference.GRPCInferenceService.full_name
 ADMIN_SERVICE = protocol.admin.AdminService.full_name
 WATCH_INTERVAL_S = 1.0
 ROLLOUT_TICK_S = 0.2  # how often rollouts are judged: a bad candidate is rolled back within this of the evidence
+
+
+def _add_reflection(server: grpc.aio.Server, service_names: list[str]) -> None:
+    """grpcio-reflection's servicer for `service_names`, resolved in our private descriptor pool."""
+    servicer = reflection.aio.ReflectionServicer(service_names, pool=protocol.POOL)
+    protocol.add_service(server, reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"], servicer)
 
 
 def _worker_config(config: GatewayConfig, worker: WorkerIdentity | None) -> GatewayConfig:
@@ -139,6 +145,7 @@ class Gateway:
                 lifecycle=self.lifecycle,
                 certificate_caller=certificate_caller,
             ),
+            hot=("ModelInfer",),
         )
         admin = AdminServicer(
             self.repository,
@@ -161,15 +168,12 @@ class Gateway:
         )
         protocol.add_service(self.admin_server, protocol.admin.AdminService, admin)
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # The libraries' own add_*_to_server functions register every RPC with the core: see add_service.
+        protocol.add_service(self.server, health_pb2.DESCRIPTOR.services_by_name["Health"], self.health)
         services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(
-            services + ([ADMIN_SERVICE] if self.admin_server is self.server else []), self.server, pool=protocol.POOL
-        )
+        _add_reflection(self.server, services + ([ADMIN_SERVICE] if self.admin_server is self.server else []))
         if self.admin_server is not self.server:
-            reflection.enable_server_reflection(
-                [ADMIN_SERVICE, reflection.SERVICE_NAME], self.admin_server, pool=protocol.POOL
-            )
+            _add_reflection(self.admin_server, [ADMIN_SERVICE, reflection.SERVICE_NAME])
 
     def _routable(self) -> Mapping[str, AbstractSet[str]]:
         """The versions a route may send traffic to: ready here, and with several workers in every one."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -14,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from models import DTYPES
 
+from gateway import protocol
 from gateway.protocol import inference as pb
 
 
@@ -135,9 +138,60 @@ def test_health_and_reflection(gateway: GatewayProcess) -> None:
         for service in ("", "inference.GRPCInferenceService"):
             status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
             assert status == health_pb2.HealthCheckResponse.SERVING
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         reply = next(iter(reflection.ServerReflectionInfo(iter([request]))))
         names = {s.name for s in reply.list_services_response.service}
         assert "inference.GRPCInferenceService" in names
         assert "grpc.health.v1.Health" in names
+
+
+class _Live:
+    """Answers two RPCs of the inference service (the others are registered too, and unused here)."""
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        return pb.ModelInferResponse(id=request.id)
+
+    def __getattr__(self, name: str) -> Any:
+        async def unimplemented(request: Any, context: Any) -> Any:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, name)
+
+        return unimplemented
+
+
+def test_only_hot_rpcs_are_registered_with_the_core_and_all_answer() -> None:
+    """grpc.aio's accept loop waits on one future per core-registered RPC for every call, so the
+    gateway registers only its request path; every other RPC must still answer by name lookup."""
+
+    async def run() -> tuple[list[tuple[str, list[str]]], bool, str]:
+        server = grpc.aio.server()
+        registered: list[tuple[str, list[str]]] = []
+        register = server.add_registered_method_handlers
+
+        def recording(service: str, handlers: dict[str, Any]) -> None:
+            registered.append((service, sorted(handlers)))
+            register(service, handlers)
+
+        server.add_registered_method_handlers = recording  # type: ignore[method-assign]
+        protocol.add_service(server, protocol.inference.GRPCInferenceService, _Live(), hot=("ModelInfer",))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = protocol.Stub(channel)
+                live = (await stub.ServerLive(pb.ServerLiveRequest())).live
+                answered = (await stub.ModelInfer(pb.ModelInferRequest(id="hot"))).id
+        finally:
+            await server.stop(None)
+        return registered, live, answered
+
+    registered, live, answered = asyncio.run(run())
+    assert registered == [("inference.GRPCInferenceService", ["ModelInfer"])]
+    assert live is True
+    assert answered == "hot"
