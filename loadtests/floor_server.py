@@ -2,7 +2,8 @@
 
 A floor is a deliberately bare grpc.aio server on uvloop, listening on one address, optionally pinned
 to one CPU, stopped by SIGTERM. Each also answers `ServerReady` (always ready), so bench_core waits for
-every server, floors and gateway, the same way.
+every server, floors and gateway, the same way, and the metadata RPCs Triton's perf_analyzer asks
+before it sends ModelInfer (fixed replies describing the benchmark MLP), so it can drive a floor too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import uvloop
 from affinity import parse_cpus, pin
+from models import metadata_answers
 
 from gateway.protocol import inference as pb
 
@@ -53,6 +55,7 @@ async def _serve(
     server = grpc.aio.server()
     ready = bytes_handler(pb.ServerReadyResponse(ready=True).SerializeToString())
     handlers = {"ModelInfer": model_infer, "ServerReady": ready}
+    handlers.update((name, bytes_handler(reply)) for name, reply in metadata_answers().items())
     if stream_infer is not None:
         handlers["ModelStreamInfer"] = stream_infer
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from gateway.datatypes import BY_V2_NAME
 from gateway.protocol import inference as pb
 
 MODEL_NAME = "mlp"
@@ -129,6 +130,32 @@ def build_infer_response(output: np.ndarray, model_name: str, model_version: str
     response.outputs.add(name=OUTPUT_NAME, datatype="FP32", shape=output.shape)
     response.raw_output_contents.append(output.tobytes())
     return response
+
+
+def metadata_answers(max_batch_size: int = 64) -> dict[str, bytes]:
+    """ServerMetadata, ModelMetadata and ModelConfig replies describing the benchmark MLP, serialized:
+    what Triton's perf_analyzer asks before it sends ModelInfer, so the floor servers can be driven by it."""
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    fp32 = BY_V2_NAME["FP32"].triton_enum
+    config = pb.ModelConfig(
+        name=MODEL_NAME,
+        platform="onnxruntime_onnx",
+        max_batch_size=max_batch_size,
+        input=[pb.ModelInput(name=INPUT_NAME, data_type=fp32, dims=[FEATURES])],
+        output=[pb.ModelOutput(name=OUTPUT_NAME, data_type=fp32, dims=[OUTPUTS])],
+    )
+    replies = {
+        "ServerMetadata": pb.ServerMetadataResponse(name="floor", version="0"),
+        "ModelMetadata": pb.ModelMetadataResponse(
+            name=MODEL_NAME,
+            versions=[MODEL_VERSION],
+            platform="onnxruntime_onnx",
+            inputs=[tensor(name=INPUT_NAME, datatype="FP32", shape=[-1, FEATURES])],
+            outputs=[tensor(name=OUTPUT_NAME, datatype="FP32", shape=[-1, OUTPUTS])],
+        ),
+        "ModelConfig": pb.ModelConfigResponse(config=config),
+    }
+    return {name: reply.SerializeToString() for name, reply in replies.items()}
 
 
 def _carries(response: pb.ModelInferResponse, expected: np.ndarray) -> bool:
