@@ -250,6 +250,44 @@ def test_a_damaged_segment_is_reported_and_skipped(tmp_path: Path) -> None:
     assert LogReader(tmp_path).get("r5004")
 
 
+GROW_THE_MAP = """
+import asyncio, sys, time
+from pathlib import Path
+from gateway.config import LogConfig
+from gateway.requestlog.record import Record, Tensor
+from gateway.requestlog.writer import LogWriter
+
+async def main() -> None:
+    # 16 MB of records in the same live segment (its limit is 64 MB): past the size the reader mapped.
+    writer = LogWriter(Path(sys.argv[1]), LogConfig(segment_max_bytes=64 << 20))
+    for n in range(16):
+        record = Record(f"after-{n}", time.time_ns(), "m", "1")
+        record.inputs = [Tensor("x", "UINT8", [1 << 20], bytes(1 << 20))]
+        await writer.commit(record)
+    await writer.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_reader_adopts_a_map_another_process_grew(tmp_path: Path) -> None:
+    """Another process (the gateway, while `canary-gateway log get` runs) grows the live segment's map:
+    a reader that opened the segment before must adopt the new size, not fail with MDB_MAP_RESIZED."""
+
+    async def first() -> None:
+        writer = LogWriter(tmp_path, LogConfig(segment_max_bytes=64 << 20))
+        await writer.commit(Record("before", time.time_ns(), "m", "1"))
+        await writer.close()
+
+    asyncio.run(first())
+    reader = LogReader(tmp_path)
+    assert len(reader.get("before")) == 1  # the segment is open now, at its first size
+    subprocess.run([sys.executable, "-c", GROW_THE_MAP, str(tmp_path)], check=True, timeout=60)
+    assert len(list_segments(tmp_path)) == 1
+    assert [r.id for r in reader.get("after-15")] == ["after-15"]
+    assert reader.count() == 17
+
+
 def test_an_undecodable_record_is_reported_not_dropped(tmp_path: Path) -> None:
     async def run() -> None:
         writer = LogWriter(tmp_path, LogConfig())

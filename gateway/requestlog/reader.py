@@ -122,7 +122,7 @@ class LogReader:
         found: list[Record] = []
         wanted = id_key(request_id)
         for segment in self._segments(newest_first=True):
-            with segment.env.begin(db=segment.ids) as txn:
+            with segment.read(segment.ids) as txn:
                 cursor = txn.cursor()
                 if not cursor.set_key(wanted):
                     continue
@@ -139,7 +139,7 @@ class LogReader:
         found: set[bytes] = set()
         wanted = sorted(keys)  # B-tree pages in order: a third cheaper than random lookups
         for segment in self._segments(newest_first=True):
-            with segment.env.begin(db=segment.ids) as txn:
+            with segment.read(segment.ids) as txn:
                 found.update(key for key, _ in txn.cursor().getmulti(wanted))
             if len(found) == len(set(keys)):
                 break
@@ -155,7 +155,7 @@ class LogReader:
                 continue  # every record here is older than `since` (keys are arrival times, ~ordered)
             if query.until_ns is not None and segment_start_ns(segment.path) > query.until_ns:
                 break
-            with segment.env.begin(db=segment.records) as txn:
+            with segment.read(segment.records) as txn:
                 cursor = txn.cursor()
                 # Keys hold unsigned times: a `since` before 1970 starts at the first record.
                 since = query.since_ns or 0
@@ -173,7 +173,7 @@ class LogReader:
         """The newest `count` records, oldest first."""
         newest: list[Record] = []
         for segment in self._segments(newest_first=True):
-            with segment.env.begin(db=segment.records) as txn:
+            with segment.read(segment.records) as txn:
                 cursor = txn.cursor()
                 if not cursor.last():
                     continue
@@ -189,6 +189,6 @@ class LogReader:
         """Records in all readable segments (for progress reports)."""
         total = 0
         for segment in self._segments():
-            with segment.env.begin() as txn:
+            with segment.read() as txn:
                 total += int(txn.stat(segment.records)["entries"])
         return total

@@ -67,6 +67,16 @@ class Segment:
             raise
         return cls(path, env, records, ids)
 
+    def read(self, db: lmdb._Database | None = None) -> lmdb.Transaction[bytes]:
+        """A read transaction. The writer (in this or another process) grows the map when a record does not
+        fit, and LMDB then refuses transactions on an environment opened at the old size until it adopts
+        the new one."""
+        try:
+            return self.env.begin(db=db)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)  # 0: the size the file has now
+            return self.env.begin(db=db)
+
     def used_bytes(self) -> int:
         info = self.env.info()
         return int((info["last_pgno"] + 1) * self.env.stat()["psize"])
