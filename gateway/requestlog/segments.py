@@ -70,7 +70,9 @@ class Segment:
     def read(self, db: lmdb._Database | None = None) -> lmdb.Transaction[bytes]:
         """A read transaction. The writer (in this or another process) grows the map when a record does not
         fit, and LMDB then refuses transactions on an environment opened at the old size until it adopts
-        the new one."""
+        the new one. Adopting needs no other transaction open on this environment in this process: a CLI
+        reader is single-threaded, and in the gateway only finished segments (which never grow) are opened
+        read-only; the live one is the writer's own environment."""
         try:
             return self.env.begin(db=db)
         except lmdb.MapResizedError:
