@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gateway.datatypes import BY_V2_NAME
 from gateway.protocol import inference as pb
+from gateway.servicer import PLATFORM
 
 MODEL_NAME = "mlp"
 MODEL_VERSION = "1"
@@ -29,6 +30,7 @@ MODEL_FILE = "model.onnx"
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 FEATURES, HIDDEN, OUTPUTS = 32, 64, 16
+MAX_BATCH_SIZE = 64  # what the floors report to perf_analyzer (the gateway's default)
 OPSET = 17
 IR_VERSION = 9  # old enough for any onnxruntime the gateway supports (>= 1.19)
 
@@ -132,15 +134,15 @@ def build_infer_response(output: np.ndarray, model_name: str, model_version: str
     return response
 
 
-def metadata_answers(max_batch_size: int = 64) -> dict[str, bytes]:
+def metadata_answers() -> dict[str, bytes]:
     """ServerMetadata, ModelMetadata and ModelConfig replies describing the benchmark MLP, serialized:
     what Triton's perf_analyzer asks before it sends ModelInfer, so the floor servers can be driven by it."""
     tensor = pb.ModelMetadataResponse.TensorMetadata
     fp32 = BY_V2_NAME["FP32"].triton_enum
     config = pb.ModelConfig(
         name=MODEL_NAME,
-        platform="onnxruntime_onnx",
-        max_batch_size=max_batch_size,
+        platform=PLATFORM,
+        max_batch_size=MAX_BATCH_SIZE,
         input=[pb.ModelInput(name=INPUT_NAME, data_type=fp32, dims=[FEATURES])],
         output=[pb.ModelOutput(name=OUTPUT_NAME, data_type=fp32, dims=[OUTPUTS])],
     )
@@ -149,7 +151,7 @@ def metadata_answers(max_batch_size: int = 64) -> dict[str, bytes]:
         "ModelMetadata": pb.ModelMetadataResponse(
             name=MODEL_NAME,
             versions=[MODEL_VERSION],
-            platform="onnxruntime_onnx",
+            platform=PLATFORM,
             inputs=[tensor(name=INPUT_NAME, datatype="FP32", shape=[-1, FEATURES])],
             outputs=[tensor(name=OUTPUT_NAME, datatype="FP32", shape=[-1, OUTPUTS])],
         ),
