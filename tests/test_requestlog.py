@@ -210,6 +210,28 @@ def test_a_full_map_rotates_instead_of_failing(tmp_path: Path) -> None:
     assert sorted(r.id for r in LogReader(tmp_path).query()) == sorted(r.id for r in records)
 
 
+def test_a_query_paused_while_the_writer_rotates_reads_every_record_once(tmp_path: Path) -> None:
+    """An export reads the live segment in chunks of transactions; between two, the in-process writer
+    rotates and closes that segment. The scan carries on in it, read-only, losing and repeating nothing."""
+    first = _records(2600)  # more than two read chunks, in one segment
+
+    async def run() -> list[str]:
+        writer = LogWriter(tmp_path, LogConfig(segment_max_bytes=4 << 20))
+        await _write(writer, first)
+        reader = LogReader(tmp_path, live=writer.live_segment)
+        scan = reader.query()
+        ids = [next(scan).id for _ in range(1500)]
+        await _write(writer, _records(80, start=5000, payload=64 << 10))  # 5 MB: past the limit, rotates
+        assert len(list_segments(tmp_path)) >= 2 and writer.live_segment().path != list_segments(tmp_path)[0]
+        ids += [r.id for r in scan]
+        await writer.close()
+        return ids
+
+    ids = asyncio.run(run())
+    assert ids[: len(first)] == [r.id for r in first]
+    assert len(ids) == len(set(ids))
+
+
 def test_retention_deletes_only_whole_old_segments(tmp_path: Path) -> None:
     config = LogConfig(segment_max_bytes=128 * 1024, retention_max_bytes=600 * 1024)
 

@@ -9,7 +9,6 @@ short transaction from a worker thread, never on the request path; readers never
 from __future__ import annotations
 
 import struct
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
+from gateway.mapguard import MapGuard
 from gateway.requestlog.record import id_key
 
 TRUTH_DB = b"truth"
@@ -55,15 +55,13 @@ class Truth:
 class FeedbackStore:
     """One writer per process (LMDB serialises writers across processes); readers from any thread."""
 
-    def __init__(self, directory: Path, readonly: bool = False) -> None:
+    def __init__(self, directory: Path, map_size: int = MAP_SIZE) -> None:
         self.path = directory
-        if readonly:
-            self._env = lmdb.open(str(directory), readonly=True, lock=True, max_dbs=1, create=False)
-        else:
-            directory.mkdir(parents=True, exist_ok=True)
-            self._env = lmdb.open(str(directory), map_size=MAP_SIZE, max_dbs=1, metasync=False, max_readers=256)
-        self._db = self._env.open_db(TRUTH_DB, create=not readonly)
-        self._grow = threading.Lock()
+        directory.mkdir(parents=True, exist_ok=True)
+        env = lmdb.open(str(directory), map_size=map_size, max_dbs=1, metasync=False, max_readers=256)
+        self._db = env.open_db(TRUTH_DB)
+        # Workers (`--workers N`) each open the store: when one grows the map, the others adopt it.
+        self._guard = MapGuard(env)
         self.stored = 0  # since start: entries written...
         self.overwritten = 0  # ...of which replaced an earlier truth for the same request
 
@@ -75,15 +73,14 @@ class FeedbackStore:
         """(id key, packed truth) pairs in one transaction; return (stored, overwritten)."""
         while True:
             try:
-                with self._env.begin(write=True, db=self._db) as txn:
+                with self._guard.transaction(write=True, db=self._db) as txn:
                     cursor = txn.cursor()
                     pairs.sort()  # B-tree pages in order, for the lookups and the writes
                     existing = len(cursor.getmulti([key for key, _ in pairs]))
                     cursor.putmulti(pairs)
                 break
             except lmdb.MapFullError:
-                with self._grow:
-                    self._env.set_mapsize(self._env.info()["map_size"] * 2)
+                self._guard.grow(self._guard.env.info()["map_size"] * 2)
         self.stored += len(pairs)
         self.overwritten += existing
         return len(pairs), existing
@@ -91,12 +88,12 @@ class FeedbackStore:
     def get_many(self, request_ids: Iterable[str]) -> dict[bytes, Truth]:
         """Truth by `id_key(request_id)` for those ids that have one."""
         keys = sorted({id_key(i) for i in request_ids if i})
-        with self._env.begin(db=self._db) as txn:
+        with self._guard.transaction(db=self._db) as txn:
             return {key: Truth.unpack(value) for key, value in txn.cursor().getmulti(keys)}
 
     def count(self) -> int:
-        with self._env.begin() as txn:
+        with self._guard.transaction() as txn:
             return int(txn.stat(self._db)["entries"])
 
     def close(self) -> None:
-        self._env.close()
+        self._guard.close()

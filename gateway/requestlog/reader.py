@@ -7,6 +7,7 @@ record that fails to decode is reported with its segment and key, never dropped 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -20,6 +21,8 @@ from gateway.requestlog.segments import Segment, list_segments, segment_start_ns
 
 OVERLAP_NS = 1_000_000_000
 """With several workers, one may write a segment for a few milliseconds after another started the next."""
+READ_CHUNK = 1024
+"""Records a scan reads per transaction."""
 
 log = logging.getLogger(__name__)
 
@@ -155,19 +158,29 @@ class LogReader:
                 continue  # every record here is older than `since` (keys are arrival times, ~ordered)
             if query.until_ns is not None and segment_start_ns(segment.path) > query.until_ns:
                 break
+            # Keys hold unsigned times: a `since` before 1970 starts at the first record.
+            for key, value in self._scan(segment, max(query.since_ns or 0, 0)):
+                if query.until_ns is not None and key_time_ns(key) > query.until_ns:
+                    break
+                record = self._decode(segment, key, value)
+                if record is not None and query.matches(record):
+                    yield record
+
+    def _scan(self, segment: Segment, since_ns: int) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) in key order from `since_ns`, READ_CHUNK per transaction: one held while the
+        caller pauses (an export, a slow client) would stop the writer reusing pages, so the live
+        segment would grow, and would hold up a resize of its map."""
+        start = KEY.pack(since_ns, 0, 0)
+        while True:
+            if segment.guard.closed:  # the writer rotated past its live segment meanwhile: read it as finished
+                segment = next((s for s in self._segments() if s.path == segment.path), segment)
             with segment.read(segment.records) as txn:
                 cursor = txn.cursor()
-                # Keys hold unsigned times: a `since` before 1970 starts at the first record.
-                since = query.since_ns or 0
-                positioned = cursor.set_range(KEY.pack(since, 0, 0)) if since > 0 else cursor.first()
-                if not positioned:
-                    continue
-                for key, value in cursor:
-                    if query.until_ns is not None and key_time_ns(key) > query.until_ns:
-                        break
-                    record = self._decode(segment, key, value)
-                    if record is not None and query.matches(record):
-                        yield record
+                chunk = list(itertools.islice(cursor.iternext(), READ_CHUNK)) if cursor.set_range(start) else []
+            yield from chunk
+            if len(chunk) < READ_CHUNK:
+                return
+            start = chunk[-1][0] + b"\x00"  # the smallest key after the last one read
 
     def tail(self, count: int) -> list[Record]:
         """The newest `count` records, oldest first."""

@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
+
+from gateway.mapguard import MapGuard
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,12 @@ class Segment:
     env: lmdb.Environment
     records: lmdb._Database
     ids: lmdb._Database
+    # The writer grows the live segment's map (a record larger than an empty segment), or adopts the size
+    # another worker grew it to, while this process's readers may be in transactions on it.
+    guard: MapGuard = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.guard = MapGuard(self.env)
 
     @classmethod
     def open(cls, path: Path, map_size: int, readonly: bool = False) -> Segment:
@@ -67,24 +76,16 @@ class Segment:
             raise
         return cls(path, env, records, ids)
 
-    def read(self, db: lmdb._Database | None = None) -> lmdb.Transaction[bytes]:
-        """A read transaction. The writer (in this or another process) grows the map when a record does not
-        fit, and LMDB then refuses transactions on an environment opened at the old size until it adopts
-        the new one. Adopting needs no other transaction open on this environment in this process: a CLI
-        reader is single-threaded, and in the gateway only finished segments (which never grow) are opened
-        read-only; the live one is the writer's own environment."""
-        try:
-            return self.env.begin(db=db)
-        except lmdb.MapResizedError:
-            self.env.set_mapsize(0)  # 0: the size the file has now
-            return self.env.begin(db=db)
+    def read(self, db: lmdb._Database | None = None) -> AbstractContextManager[lmdb.Transaction[bytes]]:
+        """A read transaction; it first adopts the map the writer (in this or another process) grew."""
+        return self.guard.transaction(db=db)
 
     def used_bytes(self) -> int:
         info = self.env.info()
         return int((info["last_pgno"] + 1) * self.env.stat()["psize"])
 
     def close(self) -> None:
-        self.env.close()
+        self.guard.close()
 
 
 def apply_retention(log_dir: Path, keep: Path, max_bytes: int, max_age_s: float, in_use_s: float = 0.0) -> list[Path]:

@@ -147,7 +147,7 @@ class LogWriter:
 
     def _put_all(self, records: list[Record]) -> None:
         segment = self._segment
-        with segment.env.begin(write=True) as txn:
+        with segment.guard.transaction(write=True) as txn:
             for record in records:
                 record.worker = self._worker
                 key = self._keys.make(record.ts_ns)
@@ -172,7 +172,7 @@ class LogWriter:
                         self._rotate()
                     else:
                         size = self._segment.env.info()["map_size"]
-                        self._segment.env.set_mapsize(size + 4 * len(encode(record)))
+                        self._segment.guard.grow(size + 4 * len(encode(record)))
 
     def _write(self, records: list[Record]) -> None:
         """One transaction for all records; a full map rotates and retries, never fails them."""
@@ -184,10 +184,7 @@ class LogWriter:
             self._bytes_since_check = 0
             self._rotate(due=self._should_rotate(self._segment))
         try:
-            self._put_all(records)
-        except lmdb.MapResizedError:  # another worker grew the segment's map: adopt its size, retry
-            self._segment.env.set_mapsize(0)
-            self._put_all(records)
+            self._put_all(records)  # adopts the map size another worker grew the segment to
         except lmdb.MapFullError:
             self._put_one_by_one(records)
         self.records_written += len(records)
@@ -249,8 +246,8 @@ class LogWriter:
             if self._config.fault_fsync_delay_ms:
                 time.sleep(self._config.fault_fsync_delay_ms / 1000)
             try:
-                with self._segment_lock:
-                    self._segment.env.sync(True)  # covers every commit made before it started
+                with self._segment_lock, self._segment.guard.shared() as env:  # the loop thread may grow the map
+                    env.sync(True)  # covers every commit made before it started
                 self.fsyncs += 1
             except lmdb.Error as e:
                 log.exception("request log fsync failed")
