@@ -1,13 +1,13 @@
 """Transactions on an LMDB environment whose map may change size (or close) while other threads use it.
 
 LMDB lets a process change an environment's map size only while no transaction is active on it in that
-process: a resize unmaps the old mapping, and a reader still walking it would read unmapped memory (py-lmdb
-releases the GIL inside cursor calls, so "one thread at a time" does not hold). A resize happens when the
+process: a resize unmaps the old mapping. py-lmdb before 2.2 then let a reader on another thread read
+unmapped memory; since then it invalidates the other threads' open transactions, so their next operation
+fails with `lmdb.Error` (and a resize while another thread writes is refused). A resize happens when the
 writer grows a full map, and when any process adopts the size another process grew the file to (LMDB then
 refuses every transaction with MDB_MAP_RESIZED until it does). Closing has the same hazard. So threads in
 transactions share this guard; a resize or close waits for them to finish and holds new ones back.
-Transactions stay short (readers read in bounded chunks), so the wait is too.
-"""
+Transactions stay short (readers read in bounded chunks), so the wait is too."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 import threading
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     placement = choose_placement()
     print(f"placement: {placement.description}", flush=True)
+    if placement.client_cpus is not None:  # the feedback sender is a client: keep it off the server's CPU
+        os.sched_setaffinity(0, placement.client_cpus)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         repository = build_repository(workdir / "models")

@@ -76,7 +76,7 @@ class FeedbackStore:
                 with self._guard.transaction(write=True, db=self._db) as txn:
                     cursor = txn.cursor()
                     pairs.sort()  # B-tree pages in order, for the lookups and the writes
-                    existing = len(cursor.getmulti([key for key, _ in pairs]))
+                    existing = len(cursor.getmulti([key for key, _ in pairs], values=False))
                     cursor.putmulti(pairs)
                 break
             except lmdb.MapFullError:
