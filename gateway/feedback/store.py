@@ -74,10 +74,11 @@ class FeedbackStore:
         while True:
             try:
                 with self._guard.transaction(write=True, db=self._db) as txn:
-                    cursor = txn.cursor()
-                    pairs.sort()  # B-tree pages in order, for the lookups and the writes
-                    existing = len(cursor.getmulti([key for key, _ in pairs], values=False))
-                    cursor.putmulti(pairs)
+                    before = txn.stat(self._db)["entries"]
+                    pairs.sort()  # B-tree pages in order
+                    txn.cursor().putmulti(pairs)
+                    # What did not add an entry replaced one: counted without looking every key up first.
+                    existing = len(pairs) - (txn.stat(self._db)["entries"] - before)
                 break
             except lmdb.MapFullError:
                 self._guard.grow(self._guard.env.info()["map_size"] * 2)
