@@ -210,8 +210,7 @@ def submit(
     packed["observed_ns"] = np.where(observed == 0, now, observed)
     packed["weight"] = np.concatenate(rows.weights)
     packed["received_ns"] = now
-    blob, size = packed.tobytes(), RECORD.itemsize
-    values = [blob[start : start + size] for start in range(0, len(blob), size)]
+    values = packed.view(f"V{RECORD.itemsize}").tolist()  # a bytes object per row, made in C
     if len(known) == len(keys):
         pairs = list(zip(keys, values, strict=True))
     else:

@@ -70,7 +70,7 @@ class FeedbackStore:
         return self.put_packed([(id_key(request_id), truth.pack()) for request_id, truth in items])
 
     def put_packed(self, pairs: list[tuple[bytes, bytes]]) -> tuple[int, int]:
-        """(id key, packed truth) pairs in one transaction; return (stored, overwritten)."""
+        """(id key, packed truth) pairs, keys distinct, in one transaction; return (stored, overwritten)."""
         while True:
             try:
                 with self._guard.transaction(write=True, db=self._db) as txn:
