@@ -21,7 +21,7 @@ import grpc
 
 from gateway.auth import Identity, Role, TokenStore, require
 from gateway.errors import ConfigError, FailedPrecondition, GatewayError, InvalidArgument, NotFound, Unavailable
-from gateway.feedback import ingest
+from gateway.feedback.ingester import IngestProcess
 from gateway.feedback.metrics import Rate
 from gateway.feedback.quality import VersionQuality, quality, task_of
 from gateway.feedback.store import FeedbackStore
@@ -246,8 +246,10 @@ class AdminServicer:
         refusals: dict[tuple[str, str], int] | None = None,
         feedback: FeedbackStore | None = None,
         quality_window_s: float = 3600.0,
+        feedback_ingest: IngestProcess | None = None,
     ) -> None:
         self._feedback = feedback
+        self._feedback_ingest = feedback_ingest
         self._quality_window_s = quality_window_s
         self._repository = repository
         self._lifecycle = lifecycle
@@ -628,11 +630,14 @@ class AdminServicer:
     async def SubmitFeedback(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._caller(context, "operator", f"SubmitFeedback for {request.model!r}")
         self._known(request.model, required=True)
-        store, task = self._store(), self._task(request.model)
-        # Checked and written in a worker thread: a batch of thousands never holds up the event loop.
-        columns = request.columns if request.HasField("columns") else None
+        self._store()
+        if self._feedback_ingest is None:
+            raise FailedPrecondition("feedback: this gateway runs without a feedback ingest process")
+        task = self._task(request.model)
+        # Checked and written by the ingest process at nice 19, on CPU inference leaves idle; a worker
+        # thread only waits for its answer, so a batch of thousands never holds up the event loop.
         outcome = await asyncio.to_thread(
-            ingest.submit, store, self._log, request.model, task, request.entries, columns
+            self._feedback_ingest.submit, request.model, task, request.SerializeToString()
         )
         return pb.SubmitFeedbackResponse(
             stored=outcome.stored,

@@ -25,6 +25,7 @@ from gateway.admin import AdminServicer
 from gateway.auth import TokenStore
 from gateway.config import GatewayConfig
 from gateway.errors import ConfigError
+from gateway.feedback.ingester import IngestProcess
 from gateway.feedback.outcomes import FeedbackOutcomes
 from gateway.feedback.quality import VersionQuality, quality, task_of
 from gateway.feedback.store import FeedbackStore
@@ -118,6 +119,11 @@ class Gateway:
         live = self.request_log.live_segment if self.request_log is not None else None
         self.log_reader = LogReader(config.log_dir, live=live)
         self.feedback = FeedbackStore(config.feedback_dir) if config.log.enabled else None
+        self.feedback_ingest = (
+            IngestProcess(config.log_dir, config.feedback_dir, config.feedback.ingest_nice)
+            if config.log.enabled
+            else None
+        )
         self.rollouts = RolloutManager(
             RolloutStore(config.rollouts_dir),
             self.routes,
@@ -160,6 +166,7 @@ class Gateway:
             self.service.refusals,
             self.feedback,
             config.feedback.window_s,
+            self.feedback_ingest,
         )
         # The operator API shares the inference port unless admin.port names its own (e.g. a port
         # that only the operators' network reaches).
@@ -539,6 +546,8 @@ class Gateway:
         self.rollouts.close()  # its worker thread reads the log and the feedback store
         if self.request_log is not None:
             await self.request_log.close()
+        if self.feedback_ingest is not None:
+            await asyncio.to_thread(self.feedback_ingest.close)
         if self.feedback is not None:
             self.feedback.close()
         self.routes.close()

@@ -62,8 +62,6 @@ class FeedbackStore:
         self._db = env.open_db(TRUTH_DB)
         # Workers (`--workers N`) each open the store: when one grows the map, the others adopt it.
         self._guard = MapGuard(env)
-        self.stored = 0  # since start: entries written...
-        self.overwritten = 0  # ...of which replaced an earlier truth for the same request
 
     def put(self, items: Sequence[tuple[str, Truth]]) -> tuple[int, int]:
         """Store every item in one transaction; return (stored, overwritten)."""
@@ -82,8 +80,6 @@ class FeedbackStore:
                 break
             except lmdb.MapFullError:
                 self._guard.grow(self._guard.env.info()["map_size"] * 2)
-        self.stored += len(pairs)
-        self.overwritten += existing
         return len(pairs), existing
 
     def get_many(self, request_ids: Iterable[str]) -> dict[bytes, Truth]:

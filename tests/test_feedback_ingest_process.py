@@ -1,0 +1,61 @@
+"""The feedback ingest process: checks and stores batches off the gateway's threads, at low CPU priority,
+refuses bad batches with the gateway's errors, and comes back when it dies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.config import LogConfig
+from gateway.errors import InvalidArgument
+from gateway.feedback.ingest import REGRESSOR
+from gateway.feedback.ingester import IngestProcess
+from gateway.feedback.store import FeedbackStore
+from gateway.protocol import admin as pb
+from gateway.requestlog.record import Record
+from gateway.requestlog.writer import LogWriter
+
+
+def _batch(ids: list[str], values: list[float]) -> bytes:
+    columns = pb.FeedbackColumns(request_ids=ids, values=values)
+    return pb.SubmitFeedbackRequest(model="m", columns=columns).SerializeToString()
+
+
+def test_batches_are_stored_by_a_low_priority_child_that_survives_being_killed(tmp_path: Path) -> None:
+    async def log_requests() -> None:
+        writer = LogWriter(tmp_path / "log", LogConfig())
+        for n in range(3):
+            await writer.commit(Record(f"req-{n}", time.time_ns(), "m", "1"))
+        await writer.close()
+
+    asyncio.run(log_requests())
+    ingester = IngestProcess(tmp_path / "log", tmp_path / "feedback", nice=19)
+    try:
+        outcome = ingester.submit("m", REGRESSOR, _batch(["req-0", "req-1", "never-logged"], [1.0, 2.0, 3.0]))
+        assert (outcome.stored, outcome.overwritten, outcome.unknown_ids) == (2, 0, ["never-logged"])
+        assert ingester.pid is not None and ingester.pid != os.getpid()
+        assert os.getpriority(os.PRIO_PROCESS, ingester.pid) == 19
+
+        with pytest.raises(InvalidArgument, match=r"columns.values: 1 rows for 2 request_ids"):
+            ingester.submit("m", REGRESSOR, _batch(["req-0", "req-1"], [1.0]))
+
+        first = ingester.pid
+        os.kill(first, signal.SIGKILL)
+        while ingester.alive:  # the next batch finds it dead and starts another
+            time.sleep(0.01)
+        outcome = ingester.submit("m", REGRESSOR, _batch(["req-1", "req-2"], [5.0, 6.0]))
+        assert (outcome.stored, outcome.overwritten) == (2, 1)
+        assert ingester.pid != first
+    finally:
+        ingester.close()
+    assert ingester.pid is None
+
+    store = FeedbackStore(tmp_path / "feedback")  # what the gateway's own handle reads
+    truths = store.get_many(["req-0", "req-1", "req-2"])
+    assert sorted(t.truth for t in truths.values()) == [1.0, 5.0, 6.0]
+    store.close()
