@@ -3,7 +3,7 @@
 One record per request id (a repeat overwrites it, and the overwrite is counted), so truth can be
 corrected by sending it again. Values are a fixed struct, not msgpack: ingest runs beside inference
 on the same core, and packing 33 bytes costs a fraction of a microsecond. Batches are written in one
-short transaction from a worker thread, never on the request path; readers never block it (LMDB).
+short transaction by the ingest process (`ingester`), never on the request path; readers never block it.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class Truth:
 
 
 class FeedbackStore:
-    """One writer per process (LMDB serialises writers across processes); readers from any thread."""
+    """Writers in several processes (LMDB serialises them: ingest processes); readers from any thread."""
 
     def __init__(self, directory: Path, map_size: int = MAP_SIZE) -> None:
         self.path = directory
