@@ -250,6 +250,9 @@ class AdminServicer:
     ) -> None:
         self._feedback = feedback
         self._feedback_ingest = feedback_ingest
+        # Batches queue here, on the loop, for the (serial) ingest process: not in asyncio's shared
+        # thread pool, where a burst of them would hold up every other to_thread call.
+        self._feedback_turn = asyncio.Lock()
         self._quality_window_s = quality_window_s
         self._repository = repository
         self._lifecycle = lifecycle
@@ -636,9 +639,10 @@ class AdminServicer:
         task = self._task(request.model)
         # Checked and written by the ingest process at nice 19, on CPU inference leaves idle; a worker
         # thread only waits for its answer, so a batch of thousands never holds up the event loop.
-        outcome = await asyncio.to_thread(
-            self._feedback_ingest.submit, request.model, task, request.SerializeToString()
-        )
+        async with self._feedback_turn:
+            outcome = await asyncio.to_thread(
+                self._feedback_ingest.submit, request.model, task, request.SerializeToString()
+            )
         return pb.SubmitFeedbackResponse(
             stored=outcome.stored,
             overwritten=outcome.overwritten,
