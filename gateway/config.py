@@ -188,13 +188,15 @@ class FeedbackConfig:
 
     check_interval_s: float = 30.0  # how often quality and fairness gaps are recomputed, alerts logged (0: never)
     window_s: float = 3600.0  # ...over the requests of this last window
-    ingest_nice: int = 19  # CPU priority of the ingest process (19: only what serving leaves; 0: an equal share)
+    # The ingest process's CPU priority: "idle" (SCHED_IDLE: only CPU nothing else wants) or a nice value 0..19
+    ingest_priority: str | int = "idle"
 
     def __post_init__(self) -> None:
         if self.check_interval_s < 0 or self.window_s <= 0:
             raise ConfigError("feedback: check_interval_s must be >= 0 and window_s > 0")
-        if not 0 <= self.ingest_nice <= 19:
-            raise ConfigError(f"feedback.ingest_nice: must be 0..19 (a nice value), got {self.ingest_nice}")
+        priority = self.ingest_priority
+        if priority != "idle" and not (type(priority) is int and 0 <= priority <= 19):
+            raise ConfigError(f'feedback.ingest_priority: "idle" or a nice value 0..19, got {priority!r}')
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ of those threads preempts the loop at once (the kernel favours a thread that sle
 costs some 16 context switches, and a sixth of the server's CPU went to switching (perf: the kernel's
 `finish_task_switch`). Under SCHED_BATCH a waking thread does not preempt a running one: it runs when
 the loop blocks or its time slice ends, and then hands over every completion that came in meanwhile.
-When the loop is idle (one request in flight) the thread runs at once, as before.
+When the loop is idle (one request in flight) the thread runs at once, as before, unless another
+process keeps the CPU busy: a waking SCHED_BATCH thread preempts nothing, so it then waits out that
+process's time slice (milliseconds; README, Performance). Only SCHED_IDLE processes are preempted.
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ class Gateway:
         self.log_reader = LogReader(config.log_dir, live=live)
         self.feedback = FeedbackStore(config.feedback_dir) if config.log.enabled else None
         self.feedback_ingest = (
-            IngestProcess(config.log_dir, config.feedback_dir, config.feedback.ingest_nice)
+            IngestProcess(config.log_dir, config.feedback_dir, config.feedback.ingest_priority)
             if config.log.enabled
             else None
         )

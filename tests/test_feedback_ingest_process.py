@@ -34,12 +34,12 @@ def test_batches_are_stored_by_a_low_priority_child_that_survives_being_killed(t
         await writer.close()
 
     asyncio.run(log_requests())
-    ingester = IngestProcess(tmp_path / "log", tmp_path / "feedback", nice=19)
+    ingester = IngestProcess(tmp_path / "log", tmp_path / "feedback")
     try:
         outcome = ingester.submit("m", REGRESSOR, _batch(["req-0", "req-1", "never-logged"], [1.0, 2.0, 3.0]))
         assert (outcome.stored, outcome.overwritten, outcome.unknown_ids) == (2, 0, ["never-logged"])
         assert ingester.pid is not None and ingester.pid != os.getpid()
-        assert os.getpriority(os.PRIO_PROCESS, ingester.pid) == 19
+        assert os.sched_getscheduler(ingester.pid) == os.SCHED_IDLE  # every serving thread preempts it
 
         with pytest.raises(InvalidArgument, match=r"columns.values: 1 rows for 2 request_ids"):
             ingester.submit("m", REGRESSOR, _batch(["req-0", "req-1"], [1.0]))
@@ -59,3 +59,15 @@ def test_batches_are_stored_by_a_low_priority_child_that_survives_being_killed(t
     truths = store.get_many(["req-0", "req-1", "req-2"])
     assert sorted(t.truth for t in truths.values()) == [1.0, 5.0, 6.0]
     store.close()
+
+
+def test_a_nice_value_instead_of_sched_idle(tmp_path: Path) -> None:
+    ingester = IngestProcess(tmp_path / "log", tmp_path / "feedback", priority=12)
+    try:
+        outcome = ingester.submit("m", REGRESSOR, _batch(["never-logged"], [1.0]))
+        assert outcome.unknown_ids == ["never-logged"] and outcome.stored == 0
+        assert ingester.pid is not None
+        assert os.sched_getscheduler(ingester.pid) == os.SCHED_OTHER
+        assert os.getpriority(os.PRIO_PROCESS, ingester.pid) == 12
+    finally:
+        ingester.close()

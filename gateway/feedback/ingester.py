@@ -4,14 +4,15 @@ Checking a batch, looking its ids up in the request log and writing the truth co
 record in Python and py-lmdb, a tenth of a core at 50,000 records/s. On a worker thread of the gateway
 that tenth came out of inference (one GIL, one serving core): bench_feedback measured 0.73-0.80×
 inference throughput. A serving core is not busy all the time, though: it idles between requests, and a
-nice-19 CPU hog on the gateway's CPU cost inference nothing in an interleaved diagnostic (it kept the
-virtual CPU from idling and even raised throughput). So the ingest runs in its own process at nice 19:
-the scheduler gives it the gaps, and still a small share under full load, so it is slowed, not starved.
+low-priority CPU hog on the gateway's CPU cost inference throughput nothing in an interleaved diagnostic.
+So the ingest runs in its own process under SCHED_IDLE by default (`feedback.ingest_priority`).
+Not nice 19: gRPC's transport threads run under SCHED_BATCH (gateway/scheduling.py), and a waking
+SCHED_BATCH thread does not preempt even a nice-19 process, so one request in flight waited out the
+hog's time slice (c1 p50 0.8 -> 4.0 ms in a diagnostic). Every waking thread preempts a SCHED_IDLE one.
 
 The child opens the request log read-only and the feedback store for writing (LMDB serialises writers
 across processes; the gateway's own handle on the store reads what the child commits). It is started on
-the first batch, so a gateway that never receives feedback pays nothing, and restarted if it dies.
-"""
+the first batch, so a gateway that never receives feedback pays nothing, and restarted if it dies."""
 
 from __future__ import annotations
 
@@ -36,9 +37,9 @@ STOP_TIMEOUT_S = 5.0
 class IngestProcess:
     """One batch at a time through a pipe to the child (it is serial anyway); callable from any thread."""
 
-    def __init__(self, log_dir: Path, feedback_dir: Path, nice: int = 19) -> None:
+    def __init__(self, log_dir: Path, feedback_dir: Path, priority: str | int = "idle") -> None:
         self._dirs = (log_dir, feedback_dir)
-        self._nice = nice
+        self._priority = priority
         self._lock = threading.Lock()
         self._child: Any = None  # a multiprocessing Process (spawn context)
         self._pipe: Connection | None = None
@@ -81,12 +82,12 @@ class IngestProcess:
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
         self._child = context.Process(
-            target=_serve, args=(child, *self._dirs, self._nice), name="feedback-ingest", daemon=True
+            target=_serve, args=(child, *self._dirs, self._priority), name="feedback-ingest", daemon=True
         )
         self._child.start()
         child.close()
         self._pipe = parent
-        log.info("feedback ingest process %d started at nice %d", self._child.pid, self._nice)
+        log.info("feedback ingest process %d started (CPU priority %s)", self._child.pid, self._priority)
         return parent
 
     def _stop(self) -> None:
@@ -105,9 +106,18 @@ class IngestProcess:
             self._child = None
 
 
-def _serve(pipe: Connection, log_dir: Path, feedback_dir: Path, nice: int) -> None:
+def _lower_priority(priority: str | int) -> None:
+    idle = getattr(os, "SCHED_IDLE", None)  # Linux
+    if priority == "idle" and idle is not None:
+        os.sched_setscheduler(0, idle, os.sched_param(0))
+    else:
+        nice = 19 if priority == "idle" else int(priority)
+        os.setpriority(os.PRIO_PROCESS, 0, max(nice, os.getpriority(os.PRIO_PROCESS, 0)))  # never above the gateway
+
+
+def _serve(pipe: Connection, log_dir: Path, feedback_dir: Path, priority: str | int) -> None:
     """The child: batches in, outcomes (or the GatewayError that refused the batch) out, until None."""
-    os.setpriority(os.PRIO_PROCESS, 0, max(nice, os.getpriority(os.PRIO_PROCESS, 0)))  # never above the gateway
+    _lower_priority(priority)
     from gateway.protocol import admin as pb  # imported here: the child needs the messages, not the server
 
     reader, store = LogReader(log_dir), FeedbackStore(feedback_dir)
