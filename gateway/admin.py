@@ -250,9 +250,6 @@ class AdminServicer:
     ) -> None:
         self._feedback = feedback
         self._feedback_ingest = feedback_ingest
-        # Batches queue here, on the loop, for the (serial) ingest process: not in asyncio's shared
-        # thread pool, where a burst of them would hold up every other to_thread call.
-        self._feedback_turn = asyncio.Lock()
         self._quality_window_s = quality_window_s
         self._repository = repository
         self._lifecycle = lifecycle
@@ -637,12 +634,9 @@ class AdminServicer:
         if self._feedback_ingest is None:
             raise FailedPrecondition("feedback: this gateway runs without a feedback ingest process")
         task = self._task(request.model)
-        # Checked and written by the ingest process at nice 19, on CPU inference leaves idle; a worker
-        # thread only waits for its answer, so a batch of thousands never holds up the event loop.
-        async with self._feedback_turn:
-            outcome = await asyncio.to_thread(
-                self._feedback_ingest.submit, request.model, task, request.SerializeToString()
-            )
+        # Checked and written by the ingest process, on CPU inference leaves idle; a thread of its own
+        # waits for the answer, so a batch of thousands never holds up the event loop.
+        outcome = await self._feedback_ingest.submit_async(request.model, task, request)
         return pb.SubmitFeedbackResponse(
             stored=outcome.stored,
             overwritten=outcome.overwritten,

@@ -19,9 +19,14 @@ from typing import Any
 import lmdb
 
 
+class EnvironmentClosed(Exception):
+    """The environment was closed (a rotated or deleted log segment) while a transaction waited for it."""
+
+
 class MapGuard:
     def __init__(self, env: lmdb.Environment) -> None:
         self.env = env
+        self._path = env.path()
         self._lock = threading.Lock()  # the fast path takes the lock directly: Condition's `with` is Python
         self._state = threading.Condition(self._lock)
         self._active = 0  # transactions (and syncs) running on `env`
@@ -71,6 +76,8 @@ class MapGuard:
         with self._lock:
             while self._exclusive:
                 self._state.wait()
+            if self.closed:
+                raise EnvironmentClosed(self._path)
             self._active += 1
 
     def _leave(self) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import LogConfig
-from gateway.errors import InvalidArgument
+from gateway.errors import InvalidArgument, Unavailable
 from gateway.feedback.ingest import REGRESSOR
 from gateway.feedback.ingester import IngestProcess
 from gateway.feedback.store import FeedbackStore
@@ -45,6 +45,10 @@ def test_batches_are_stored_by_a_low_priority_child_that_survives_being_killed(t
             ingester.submit("m", REGRESSOR, _batch(["req-0", "req-1"], [1.0]))
 
         first = ingester.pid
+        with pytest.raises(Unavailable, match="feedback ingest failed, batch not stored"):
+            ingester.submit("m", REGRESSOR, b"\xff not a message")  # answered, and the child lives on
+        assert ingester.pid == first and ingester.alive
+
         os.kill(first, signal.SIGKILL)
         while ingester.alive:  # the next batch finds it dead and starts another
             time.sleep(0.01)
@@ -54,6 +58,8 @@ def test_batches_are_stored_by_a_low_priority_child_that_survives_being_killed(t
     finally:
         ingester.close()
     assert ingester.pid is None
+    with pytest.raises(Unavailable, match="stopping"):
+        ingester.submit("m", REGRESSOR, _batch(["req-0"], [1.0]))
 
     store = FeedbackStore(tmp_path / "feedback")  # what the gateway's own handle reads
     truths = store.get_many(["req-0", "req-1", "req-2"])

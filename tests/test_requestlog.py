@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -230,6 +231,42 @@ def test_a_query_paused_while_the_writer_rotates_reads_every_record_once(tmp_pat
     ids = asyncio.run(run())
     assert ids[: len(first)] == [r.id for r in first]
     assert len(ids) == len(set(ids))
+
+
+def test_a_scan_that_waits_for_a_rotation_reads_on_in_the_finished_segment(tmp_path: Path) -> None:
+    """The writer's rotation closes the live segment only once no thread is in a transaction on it; a
+    scan that asked for its next chunk meanwhile waits, then reads on in the segment reopened read-only."""
+    writer = LogWriter(tmp_path, LogConfig(segment_max_bytes=4 << 20))
+    first = _records(3000)
+    for record in first:
+        writer.write_now(record)
+    live = writer.live_segment()
+    scan = LogReader(tmp_path, live=writer.live_segment).query()
+    ids = [next(scan).id for _ in range(1024)]
+    release = threading.Event()
+
+    def quality_report() -> None:  # another reader, in a transaction on the live segment
+        with live.read(live.records):
+            release.wait(10)
+
+    def rotate() -> None:  # 5 MB more: past the limit, so the writer rotates, closing `live`
+        for record in _records(80, start=5000, payload=64 << 10):
+            writer.write_now(record)
+
+    def read_on() -> None:
+        ids.extend(r.id for r in scan)
+
+    threads = [threading.Thread(target=f) for f in (quality_report, rotate, read_on)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)
+    assert threads[1].is_alive() and threads[2].is_alive(), "the rotation and the scan wait for the report"
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert not any(t.is_alive() for t in threads) and live.guard.closed
+    assert ids[: len(first)] == [r.id for r in first] and len(ids) == len(set(ids))
+    asyncio.run(writer.close())
 
 
 def test_retention_deletes_only_whole_old_segments(tmp_path: Path) -> None:

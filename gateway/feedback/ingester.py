@@ -16,10 +16,12 @@ the first batch, so a gateway that never receives feedback pays nothing, and res
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -32,10 +34,13 @@ from gateway.requestlog.reader import LogReader
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 5.0
+ANSWER_TIMEOUT_S = 120.0  # a batch of thousands takes milliseconds; SCHED_IDLE under full load, seconds
 
 
 class IngestProcess:
-    """One batch at a time through a pipe to the child (it is serial anyway); callable from any thread."""
+    """One batch at a time through a pipe to the child (it is serial anyway). `submit_async` queues
+    batches for one thread of its own, so waiting batches never occupy asyncio's shared thread pool,
+    even once their callers have gone (a cancelled call's batch still runs if it had started)."""
 
     def __init__(self, log_dir: Path, feedback_dir: Path, priority: str | int = "idle") -> None:
         self._dirs = (log_dir, feedback_dir)
@@ -43,20 +48,33 @@ class IngestProcess:
         self._lock = threading.Lock()
         self._child: Any = None  # a multiprocessing Process (spawn context)
         self._pipe: Connection | None = None
+        self._turns = ThreadPoolExecutor(1, thread_name_prefix="feedback-ingest")
+        self._closed = False
+
+    async def submit_async(self, model: str, task: str, request: Any) -> ingest.Outcome:
+        """`submit` for a SubmitFeedbackRequest message, serialized on the ingest thread, not the loop."""
+        if self._closed:
+            raise Unavailable("feedback: the gateway is stopping; resend the batch to a running one")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._turns, lambda: self.submit(model, task, request.SerializeToString()))
 
     def submit(self, model: str, task: str, request: bytes) -> ingest.Outcome:
         """Check and store one serialized SubmitFeedbackRequest; blocks until the child answers."""
         with self._lock:
+            if self._closed:
+                raise Unavailable("feedback: the gateway is stopping; resend the batch to a running one")
             pipe = self._pipe if self.alive else None
             if pipe is None:
                 pipe = self._start()
             try:
                 pipe.send((model, task, request))
+                if not pipe.poll(ANSWER_TIMEOUT_S):
+                    raise TimeoutError(f"no answer in {ANSWER_TIMEOUT_S:.0f} s")
                 answer = pipe.recv()
-            except (EOFError, OSError) as e:
+            except (EOFError, OSError) as e:  # TimeoutError is an OSError
                 self._stop()
                 raise Unavailable(
-                    f"feedback ingest process exited ({e!r}): this batch may not be stored; "
+                    f"feedback ingest process failed ({e!r}): this batch may not be stored; "
                     "truth is idempotent, so resend it"
                 ) from e
         if isinstance(answer, GatewayError):
@@ -73,8 +91,19 @@ class IngestProcess:
         return self._child is not None and bool(self._child.is_alive())
 
     def close(self) -> None:
-        with self._lock:
+        """Stop the child: at once if a batch is still running after STOP_TIMEOUT_S (LMDB aborts its
+        transaction), so a starved or stuck child never holds up the gateway's shutdown."""
+        self._closed = True
+        if not self._lock.acquire(timeout=STOP_TIMEOUT_S):
+            child = self._child
+            if child is not None:
+                child.kill()  # the waiting submit sees the pipe close, answers UNAVAILABLE, lets go
+            self._lock.acquire()
+        try:
             self._stop()
+        finally:
+            self._lock.release()
+        self._turns.shutdown(wait=False, cancel_futures=True)
 
     def _start(self) -> Connection:
         self._stop()
@@ -124,12 +153,15 @@ def _serve(pipe: Connection, log_dir: Path, feedback_dir: Path, priority: str | 
     try:
         while (work := pipe.recv()) is not None:
             model, task, raw = work
-            request = pb.SubmitFeedbackRequest.FromString(raw)
-            columns = request.columns if request.HasField("columns") else None
             try:
+                request = pb.SubmitFeedbackRequest.FromString(raw)
+                columns = request.columns if request.HasField("columns") else None
                 answer: Any = ingest.submit(store, reader, model, task, request.entries, columns)
             except GatewayError as e:
                 answer = e
+            except Exception as e:  # disk full, I/O error...: answer it, do not die and be respawned per batch
+                log.exception("feedback ingest failed")
+                answer = Unavailable(f"feedback ingest failed, batch not stored: {e!r}")
             pipe.send(answer)
     except (EOFError, KeyboardInterrupt):
         pass  # the gateway went away

@@ -7,15 +7,19 @@ record that fails to decode is reported with its segment and key, never dropped 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import lmdb
 
+from gateway.mapguard import EnvironmentClosed
 from gateway.requestlog.record import KEY, Record, RecordFormatError, decode, id_key, key_time_ns
 from gateway.requestlog.segments import Segment, list_segments, segment_start_ns
 
@@ -23,8 +27,25 @@ OVERLAP_NS = 1_000_000_000
 """With several workers, one may write a segment for a few milliseconds after another started the next."""
 READ_CHUNK = 1024
 """Records a scan reads per transaction."""
+REOPEN_WAIT_S = 1.0
 
 log = logging.getLogger(__name__)
+
+_Result = TypeVar("_Result")
+
+
+def _again_after_rotation(method: Callable[..., _Result]) -> Callable[..., _Result]:
+    """Run a one-shot read again if the writer rotated and closed the live segment it was reading:
+    the second run finds that segment reopened read-only, as a finished one."""
+
+    @functools.wraps(method)
+    def run(self: LogReader, *args: Any) -> _Result:
+        try:
+            return method(self, *args)
+        except EnvironmentClosed:
+            return method(self, *args)
+
+    return run
 
 
 @dataclass
@@ -118,6 +139,7 @@ class LogReader:
             self._report(Problem(segment.path, key, str(e)))
             return None
 
+    @_again_after_rotation
     def get(self, request_id: str) -> list[Record]:
         """The request's record and its shadows' records, oldest first."""
         if not request_id:  # no record has one (the gateway generates ids), and LMDB refuses empty keys
@@ -136,6 +158,7 @@ class LogReader:
                         found.append(record)
         return sorted(found, key=lambda r: (r.ts_ns, r.role != "primary"))
 
+    @_again_after_rotation
     def known_keys(self, keys: list[bytes]) -> set[bytes]:
         """Those id keys (`id_key(request_id)`) that have a record: looked up in each segment's id index,
         newest first, nothing decoded."""
@@ -173,16 +196,34 @@ class LogReader:
         segment would grow, and would hold up a resize of its map."""
         start = KEY.pack(since_ns, 0, 0)
         while True:
-            if segment.guard.closed:  # the writer rotated past its live segment meanwhile: read it as finished
-                segment = next((s for s in self._segments() if s.path == segment.path), segment)
-            with segment.read(segment.records) as txn:
-                cursor = txn.cursor()
-                chunk = list(itertools.islice(cursor.iternext(), READ_CHUNK)) if cursor.set_range(start) else []
+            try:
+                with segment.read(segment.records) as txn:
+                    cursor = txn.cursor()
+                    chunk = list(itertools.islice(cursor.iternext(), READ_CHUNK)) if cursor.set_range(start) else []
+            except EnvironmentClosed:  # the writer rotated past it meanwhile: read on in it as a finished one
+                reopened = self._reopened(segment)
+                if reopened is None:
+                    return  # retention deleted it
+                segment = reopened
+                continue
             yield from chunk
             if len(chunk) < READ_CHUNK:
                 return
             start = chunk[-1][0] + b"\x00"  # the smallest key after the last one read
 
+    def _reopened(self, closed: Segment) -> Segment | None:
+        """The segment at `closed`'s path, open again (None once retention deleted it). The writer closes
+        its live segment before it publishes the next one, so for a moment the closed one is still live."""
+        deadline = time.monotonic() + REOPEN_WAIT_S
+        while True:
+            segment = next((s for s in self._segments() if s.path == closed.path), None)
+            if segment is None or not segment.guard.closed:
+                return segment
+            if time.monotonic() > deadline:
+                raise EnvironmentClosed(str(closed.path))  # the writer stopped: nothing reopens it in this process
+            time.sleep(0.001)
+
+    @_again_after_rotation
     def tail(self, count: int) -> list[Record]:
         """The newest `count` records, oldest first."""
         newest: list[Record] = []
@@ -199,6 +240,7 @@ class LogReader:
                         return newest[::-1]
         return newest[::-1]
 
+    @_again_after_rotation
     def count(self) -> int:
         """Records in all readable segments (for progress reports)."""
         total = 0

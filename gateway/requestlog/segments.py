@@ -81,8 +81,8 @@ class Segment:
         return self.guard.transaction(db=db)
 
     def used_bytes(self) -> int:
-        info = self.env.info()
-        return int((info["last_pgno"] + 1) * self.env.stat()["psize"])
+        with self.guard.shared() as env:
+            return int((env.info()["last_pgno"] + 1) * env.stat()["psize"])
 
     def close(self) -> None:
         self.guard.close()

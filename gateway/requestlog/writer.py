@@ -127,7 +127,8 @@ class LogWriter:
             if not due and not newer:
                 return
             if self._syncer is not None:
-                self._segment.env.sync(True)  # what the syncer has not covered yet stays durable
+                with self._segment.guard.shared() as env:  # a reader thread may be adopting a grown map
+                    env.sync(True)  # what the syncer has not covered yet stays durable
             self._segment.close()
             adopted = Segment.open(latest[0], self._map_size) if newer else None
             if adopted is not None and self._should_rotate(adopted):
@@ -171,7 +172,8 @@ class LogWriter:
                     if self._segment.used_bytes() > self._config.segment_max_bytes // 8:
                         self._rotate()
                     else:
-                        size = self._segment.env.info()["map_size"]
+                        with self._segment.guard.shared() as env:
+                            size = env.info()["map_size"]
                         self._segment.guard.grow(size + 4 * len(encode(record)))
 
     def _write(self, records: list[Record]) -> None:
@@ -262,7 +264,8 @@ class LogWriter:
                 self._closing = True
             self._wake.set()
             await asyncio.to_thread(self._syncer.join)
-            self._segment.env.sync(True)
+            with self._segment.guard.shared() as env:
+                env.sync(True)
         self._segment.close()
 
 
