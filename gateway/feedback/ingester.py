@@ -34,6 +34,7 @@ from gateway.requestlog.reader import LogReader
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 5.0
+STOPPING = "feedback: the gateway is stopping; resend the batch to a running one"
 ANSWER_TIMEOUT_S = 120.0  # a batch of thousands takes milliseconds; SCHED_IDLE under full load, seconds
 
 
@@ -54,7 +55,7 @@ class IngestProcess:
     async def submit_async(self, model: str, task: str, request: Any) -> ingest.Outcome:
         """`submit` for a SubmitFeedbackRequest message, serialized on the ingest thread, not the loop."""
         if self._closed:
-            raise Unavailable("feedback: the gateway is stopping; resend the batch to a running one")
+            raise Unavailable(STOPPING)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._turns, lambda: self.submit(model, task, request.SerializeToString()))
 
@@ -62,7 +63,7 @@ class IngestProcess:
         """Check and store one serialized SubmitFeedbackRequest; blocks until the child answers."""
         with self._lock:
             if self._closed:
-                raise Unavailable("feedback: the gateway is stopping; resend the batch to a running one")
+                raise Unavailable(STOPPING)
             pipe = self._pipe if self.alive else None
             if pipe is None:
                 pipe = self._start()
