@@ -120,7 +120,9 @@ class Gateway:
         self.log_reader = LogReader(config.log_dir, live=live)
         self.feedback = FeedbackStore(config.feedback_dir) if config.log.enabled else None
         self.feedback_ingest = (
-            IngestProcess(config.log_dir, config.feedback_dir, config.feedback.ingest_priority)
+            IngestProcess(
+                config.log_dir, config.feedback_dir, config.feedback.ingest_priority, config.feedback.ingest_cpus
+            )
             if config.log.enabled
             else None
         )

@@ -10,8 +10,12 @@ batch/rate seconds), in ABBA order: on this shared host the machine drifts by mo
 about within a minute, so phases run one after the other would measure the drift. The verdict is the
 median of the per-pair throughput ratios. Last, feedback alone as fast as it goes.
 
+The gateway's feedback ingest process runs at SCHED_IDLE on any CPU by default (`feedback.ingest_cpus`):
+here, in practice, on what the load generator leaves idle. `--ingest-cpus gateway` keeps it on the
+gateway's pinned CPU, where it only gets what serving leaves.
+
     python loadtests/bench_feedback.py [--pairs 10] [--window 3] [--rate 50000] [--batch 5000]
-                                       [--concurrency 16] [--duration 8]
+                                       [--concurrency 16] [--duration 8] [--ingest-cpus any|gateway]
 """
 
 from __future__ import annotations
@@ -105,16 +109,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=5000, help="records per SubmitFeedback call (default 5000)")
     parser.add_argument("--ids", type=int, default=20_000, help="logged requests the truth is for (default 20000)")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--ingest-cpus", choices=("any", "gateway"), default="any", help="feedback.ingest_cpus (default any)"
+    )
     args = parser.parse_args(argv)
     placement = choose_placement()
-    print(f"placement: {placement.description}", flush=True)
+    print(f"placement: {placement.description}; feedback ingest on {args.ingest_cpus} CPU", flush=True)
     if placement.client_cpus is not None:  # the feedback sender is a client: keep it off the server's CPU
         os.sched_setaffinity(0, placement.client_cpus)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         repository = build_repository(workdir / "models")
         argv_ = gateway_argv(repository)
-        argv_ += ["--state-dir", str(workdir / "state")]
+        config = workdir / "gateway.toml"
+        config.write_text(f'[feedback]\ningest_cpus = "{args.ingest_cpus}"\n')
+        argv_ += ["--state-dir", str(workdir / "state"), "--config", str(config)]
         with running("gateway", argv_, placement, workdir) as server:
             body = build_infer_request()
             server.wait_ready(body, OutputCheck())

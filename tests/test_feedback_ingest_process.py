@@ -77,3 +77,22 @@ def test_a_nice_value_instead_of_sched_idle(tmp_path: Path) -> None:
         assert os.getpriority(os.PRIO_PROCESS, ingester.pid) == 12
     finally:
         ingester.close()
+
+
+@pytest.mark.parametrize("cpus", ["any", "gateway", "last"])
+def test_the_child_leaves_a_pinned_gateway_s_cpus_unless_told_to_stay(tmp_path: Path, cpus: str) -> None:
+    available = os.sched_getaffinity(0)
+    serving, last = min(available), max(available)
+    wanted = (last,) if cpus == "last" else cpus
+    expected = {"any": available, "gateway": {serving}, "last": {last}}[cpus]
+    os.sched_setaffinity(0, {serving})  # as `taskset` pins a gateway; the child starts from this thread
+    try:
+        ingester = IngestProcess(tmp_path / "log", tmp_path / "feedback", cpus=wanted)
+        try:
+            assert ingester.submit("m", REGRESSOR, _batch(["never-logged"], [1.0])).unknown_ids == ["never-logged"]
+            assert ingester.pid is not None
+            assert os.sched_getaffinity(ingester.pid) == expected
+        finally:
+            ingester.close()
+    finally:
+        os.sched_setaffinity(0, available)
