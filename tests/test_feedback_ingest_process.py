@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -96,3 +99,30 @@ def test_the_child_leaves_a_pinned_gateway_s_cpus_unless_told_to_stay(tmp_path: 
             ingester.close()
     finally:
         os.sched_setaffinity(0, available)
+
+
+def test_started_from_the_console_script_the_child_loads_none_of_the_server(tmp_path: Path) -> None:
+    """The `canary-gateway` script imports the whole CLI (onnxruntime included). A child that re-ran it (as
+    multiprocessing's spawn re-runs the main module) would spend ~0.5 s of CPU on it at the gateway's
+    priority before lowering its own."""
+    script = tmp_path / "canary-gateway"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            from gateway.cli import main  # what the console script imports
+            from gateway.feedback.ingester import IngestProcess
+
+            if __name__ == "__main__":
+                ingester = IngestProcess({str(tmp_path / "log")!r}, {str(tmp_path / "feedback")!r})
+                outcome = ingester.submit("m", "regressor", {_batch(["never-logged"], [1.0])!r})
+                assert outcome.unknown_ids == ["never-logged"], outcome
+                with open(f"/proc/{{ingester.pid}}/maps") as maps:
+                    print("gateway:", "onnxruntime" in sys.modules, "child:", "onnxruntime" in maps.read())
+                ingester.close()
+            """
+        )
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["gateway:", "True", "child:", "False"]

@@ -14,14 +14,18 @@ a fully loaded serving CPU it got ~25,000 records/s, while the machine's other C
 
 The child opens the request log read-only and the feedback store for writing (LMDB serialises writers
 across processes; the gateway's own handle on the store reads what the child commits). It is started on
-the first batch, so a gateway that never receives feedback pays nothing, and restarted if it dies."""
+the first batch, so a gateway that never receives feedback pays nothing, and restarted if it dies.
+The child's side is `ingest_child`, started as `python -m gateway.feedback.ingest_child`, not by
+multiprocessing: spawn would first re-run the gateway's main module (the `canary-gateway` script imports
+the whole CLI, ~0.5 s of CPU) at the gateway's own priority, on its CPU."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
-import os
+import socket
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
@@ -29,9 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import GatewayError, Unavailable
-from gateway.feedback import ingest
-from gateway.feedback.store import FeedbackStore
-from gateway.requestlog.reader import LogReader
+from gateway.feedback import ingest_child
+from gateway.feedback.ingest import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +55,19 @@ class IngestProcess:
         self._priority = priority
         self._cpus = cpus
         self._lock = threading.Lock()
-        self._child: Any = None  # a multiprocessing Process (spawn context)
+        self._child: subprocess.Popen[bytes] | None = None
         self._pipe: Connection | None = None
         self._turns = ThreadPoolExecutor(1, thread_name_prefix="feedback-ingest")
         self._closed = False
 
-    async def submit_async(self, model: str, task: str, request: Any) -> ingest.Outcome:
+    async def submit_async(self, model: str, task: str, request: Any) -> Outcome:
         """`submit` for a SubmitFeedbackRequest message, serialized on the ingest thread, not the loop."""
         if self._closed:
             raise Unavailable(STOPPING)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._turns, lambda: self.submit(model, task, request.SerializeToString()))
 
-    def submit(self, model: str, task: str, request: bytes) -> ingest.Outcome:
+    def submit(self, model: str, task: str, request: bytes) -> Outcome:
         """Check and store one serialized SubmitFeedbackRequest; blocks until the child answers."""
         with self._lock:
             if self._closed:
@@ -85,7 +88,7 @@ class IngestProcess:
                 ) from e
         if isinstance(answer, GatewayError):
             raise answer
-        assert isinstance(answer, ingest.Outcome)
+        assert isinstance(answer, Outcome)
         return answer
 
     @property
@@ -94,7 +97,7 @@ class IngestProcess:
 
     @property
     def alive(self) -> bool:
-        return self._child is not None and bool(self._child.is_alive())
+        return self._child is not None and self._child.poll() is None
 
     def close(self) -> None:
         """Stop the child: at once if a batch is still running after STOP_TIMEOUT_S (LMDB aborts its
@@ -113,19 +116,21 @@ class IngestProcess:
 
     def _start(self) -> Connection:
         self._stop()
-        # spawn, not fork: the gateway runs gRPC's threads, which a forked child would inherit broken
-        context = multiprocessing.get_context("spawn")
-        parent, child = context.Pipe()
-        self._child = context.Process(
-            target=_serve, args=(child, *self._dirs, self._priority, self._cpus), name="feedback-ingest", daemon=True
-        )
-        self._child.start()
-        child.close()
-        self._pipe = parent
+        # A fresh interpreter, not fork: the gateway runs gRPC's threads, which a forked child would inherit broken.
+        parent, child = socket.socketpair()
+        cpus = self._cpus if isinstance(self._cpus, str) else ",".join(map(str, self._cpus))
+        with child:
+            argv = [str(child.fileno()), *map(str, self._dirs), str(self._priority), cpus]
+            # Its own session: a Ctrl-C meant for the gateway does not cut a batch short; the gateway's
+            # close() (or, if it dies, the end of the socket) stops the child.
+            self._child = subprocess.Popen(
+                [sys.executable, "-m", ingest_child.__name__, *argv], pass_fds=(child.fileno(),), start_new_session=True
+            )
+        pipe = self._pipe = Connection(parent.detach())
         log.info(
             "feedback ingest process %d started (CPU priority %s, CPUs %s)", self._child.pid, self._priority, self._cpus
         )
-        return parent
+        return pipe
 
     def _stop(self) -> None:
         if self._pipe is not None:
@@ -136,58 +141,9 @@ class IngestProcess:
             self._pipe.close()
             self._pipe = None
         if self._child is not None:
-            self._child.join(STOP_TIMEOUT_S)
-            if self._child.is_alive():
-                self._child.kill()
-                self._child.join()
-            self._child = None
-
-
-def _lower_priority(priority: str | int) -> None:
-    idle = getattr(os, "SCHED_IDLE", None)  # Linux
-    if priority == "idle" and idle is not None:
-        os.sched_setscheduler(0, idle, os.sched_param(0))
-    else:
-        nice = 19 if priority == "idle" else int(priority)
-        os.setpriority(os.PRIO_PROCESS, 0, max(nice, os.getpriority(os.PRIO_PROCESS, 0)))  # never above the gateway
-
-
-def _place(cpus: str | tuple[int, ...]) -> None:
-    """Move the child to the CPUs `feedback.ingest_cpus` names. It starts on the gateway's: a gateway pinned
-    to its serving CPUs (`taskset`) would otherwise keep the ingest where it only gets what serving leaves."""
-    if cpus == "gateway":
-        return
-    wanted = range(os.cpu_count() or 1) if isinstance(cpus, str) else cpus  # "any"
-    try:
-        os.sched_setaffinity(0, wanted)  # the kernel keeps it within the CPUs a cgroup's cpuset allows
-    except OSError as e:
-        log.warning("feedback ingest: cannot run on CPUs %s (%s); staying on %s", cpus, e, os.sched_getaffinity(0))
-
-
-def _serve(
-    pipe: Connection, log_dir: Path, feedback_dir: Path, priority: str | int, cpus: str | tuple[int, ...]
-) -> None:
-    """The child: batches in, outcomes (or the GatewayError that refused the batch) out, until None."""
-    _lower_priority(priority)
-    _place(cpus)
-    from gateway.protocol import admin as pb  # imported here: the child needs the messages, not the server
-
-    reader, store = LogReader(log_dir), FeedbackStore(feedback_dir)
-    try:
-        while (work := pipe.recv()) is not None:
-            model, task, raw = work
             try:
-                request = pb.SubmitFeedbackRequest.FromString(raw)
-                columns = request.columns if request.HasField("columns") else None
-                answer: Any = ingest.submit(store, reader, model, task, request.entries, columns)
-            except GatewayError as e:
-                answer = e
-            except Exception as e:  # disk full, I/O error...: answer it, do not die and be respawned per batch
-                log.exception("feedback ingest failed")
-                answer = Unavailable(f"feedback ingest failed, batch not stored: {e!r}")
-            pipe.send(answer)
-    except (EOFError, KeyboardInterrupt):
-        pass  # the gateway went away
-    finally:
-        store.close()
-        reader.close()
+                self._child.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self._child.kill()
+                self._child.wait()
+            self._child = None
