@@ -202,7 +202,7 @@ class FeedbackConfig:
             raise ConfigError(f'feedback.ingest_priority: "idle" or a nice value 0..19, got {priority!r}')
         cpus = self.ingest_cpus
         if isinstance(cpus, list | tuple):
-            count = os.cpu_count() or 1
+            count = os.sysconf("SC_NPROCESSORS_CONF")  # the machine's CPUs, offline ones included
             if not cpus or not all(type(cpu) is int and 0 <= cpu < count for cpu in cpus):
                 raise ConfigError(f"feedback.ingest_cpus: CPU numbers 0..{count - 1} on this machine, got {cpus!r}")
             object.__setattr__(self, "ingest_cpus", tuple(cpus))  # a TOML array arrives as a list

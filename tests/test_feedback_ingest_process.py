@@ -87,9 +87,11 @@ def test_the_child_leaves_a_pinned_gateway_s_cpus_unless_told_to_stay(tmp_path: 
     available = os.sched_getaffinity(0)
     serving, last = min(available), max(available)
     wanted = (last,) if cpus == "last" else cpus
-    expected = {"any": available, "gateway": {serving}, "last": {last}}[cpus]
-    os.sched_setaffinity(0, {serving})  # as `taskset` pins a gateway; the child starts from this thread
     try:
+        os.sched_setaffinity(0, range(os.sysconf("SC_NPROCESSORS_CONF")))  # what "any" asks for...
+        allowed = os.sched_getaffinity(0)  # ...and gets: every CPU a cgroup's cpuset allows, beyond a taskset
+        expected = {"any": allowed, "gateway": {serving}, "last": {last}}[cpus]
+        os.sched_setaffinity(0, {serving})  # as `taskset` pins a gateway; the child starts from this thread
         ingester = IngestProcess(tmp_path / "log", tmp_path / "feedback", cpus=wanted)
         try:
             assert ingester.submit("m", REGRESSOR, _batch(["never-logged"], [1.0])).unknown_ids == ["never-logged"]
@@ -126,3 +128,55 @@ def test_started_from_the_console_script_the_child_loads_none_of_the_server(tmp_
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["gateway:", "True", "child:", "False"]
+
+
+def test_the_child_runs_the_gateway_s_code_whatever_the_working_directory_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another checkout (here a broken `gateway` package) in the working directory, which is on the gateway's
+    import path (`python -m ...` puts it there): the child still imports the package the gateway runs."""
+    (tmp_path / "gateway").mkdir()
+    (tmp_path / "gateway" / "__init__.py").write_text("raise ImportError('not the gateway that is running')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ingester = IngestProcess(tmp_path / "log", tmp_path / "feedback")
+    try:
+        assert ingester.submit("m", REGRESSOR, _batch(["never-logged"], [1.0])).unknown_ids == ["never-logged"]
+    finally:
+        ingester.close()
+
+
+def test_a_child_that_cannot_start_is_unavailable_with_its_exit_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    ingester = IngestProcess(tmp_path / "log", tmp_path / "feedback")
+    try:
+        with pytest.raises(Unavailable, match=r"feedback ingest process failed \(FileNotFoundError"):
+            ingester.submit("m", REGRESSOR, _batch(["a"], [1.0]))
+        monkeypatch.setattr(sys, "executable", "/bin/false")  # starts, and exits at once
+        with pytest.raises(Unavailable, match=r"exit status 1"):
+            ingester.submit("m", REGRESSOR, _batch(["a"], [1.0]))
+    finally:
+        ingester.close()
+
+
+def test_a_child_that_stops_reading_times_out_even_mid_send(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch larger than the socket's buffer, to a child that does not read (stopped here; starved at
+    SCHED_IDLE in life): the send itself must time out, not hold the ingest (and the gateway's shutdown)."""
+    from gateway.feedback import ingester as module
+
+    monkeypatch.setattr(module, "ANSWER_TIMEOUT_S", 1.0)
+    ingester = IngestProcess(tmp_path / "log", tmp_path / "feedback")
+    try:
+        ingester.submit("m", REGRESSOR, _batch(["a"], [1.0]))
+        assert ingester.pid is not None
+        os.kill(ingester.pid, signal.SIGSTOP)
+        ids = [f"request-{n:08}" for n in range(50_000)]  # ~1.3 MB
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="feedback ingest process failed"):
+            ingester.submit("m", REGRESSOR, _batch(ids, [1.0] * len(ids)))
+        assert time.monotonic() - started < 30
+        assert ingester.pid is None  # killed, not asked
+    finally:
+        ingester.close()

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -72,19 +74,19 @@ class IngestProcess:
         with self._lock:
             if self._closed:
                 raise Unavailable(STOPPING)
-            pipe = self._pipe if self.alive else None
-            if pipe is None:
-                pipe = self._start()
             try:
-                pipe.send((model, task, request))
+                pipe = self._pipe if self.alive else None
+                if pipe is None:
+                    pipe = self._start()
+                pipe.send((model, task, request))  # times out too (SO_SNDTIMEO): a batch outgrows the buffer
                 if not pipe.poll(ANSWER_TIMEOUT_S):
                     raise TimeoutError(f"no answer in {ANSWER_TIMEOUT_S:.0f} s")
                 answer = pipe.recv()
             except (EOFError, OSError) as e:  # TimeoutError is an OSError
-                self._stop()
+                exit_status = self._kill()
                 raise Unavailable(
-                    f"feedback ingest process failed ({e!r}): this batch may not be stored; "
-                    "truth is idempotent, so resend it"
+                    f"feedback ingest process failed ({e!r}{exit_status}; its error, if any, is in the gateway's "
+                    "log): this batch may not be stored; truth is idempotent, so resend it"
                 ) from e
         if isinstance(answer, GatewayError):
             raise answer
@@ -93,11 +95,13 @@ class IngestProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._child.pid if self._child is not None else None
+        child = self._child
+        return child.pid if child is not None else None
 
     @property
     def alive(self) -> bool:
-        return self._child is not None and self._child.poll() is None
+        child = self._child
+        return child is not None and child.poll() is None
 
     def close(self) -> None:
         """Stop the child: at once if a batch is still running after STOP_TIMEOUT_S (LMDB aborts its
@@ -118,21 +122,47 @@ class IngestProcess:
         self._stop()
         # A fresh interpreter, not fork: the gateway runs gRPC's threads, which a forked child would inherit broken.
         parent, child = socket.socketpair()
+        parent.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(ANSWER_TIMEOUT_S), 0))
         cpus = self._cpus if isinstance(self._cpus, str) else ",".join(map(str, self._cpus))
-        with child:
-            argv = [str(child.fileno()), *map(str, self._dirs), str(self._priority), cpus]
-            # Its own session: a Ctrl-C meant for the gateway does not cut a batch short; the gateway's
-            # close() (or, if it dies, the end of the socket) stops the child.
-            self._child = subprocess.Popen(
-                [sys.executable, "-m", ingest_child.__name__, *argv], pass_fds=(child.fileno(),), start_new_session=True
-            )
+        argv = [str(child.fileno()), *map(str, self._dirs), str(self._priority), cpus]
+        # The child runs this very code: the directory this `gateway` came from first, then the gateway's own
+        # import path; not the working directory (-P), which may hold another checkout.
+        package_root = str(Path(ingest_child.__file__).resolve().parents[2])
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, *sys.path])}
+        try:
+            with child:
+                # Its own session: a Ctrl-C meant for the gateway does not cut a batch short; the gateway's
+                # close() (or, if it dies, the end of the socket) stops the child.
+                self._child = subprocess.Popen(
+                    [sys.executable, "-P", "-m", ingest_child.__name__, *argv],
+                    pass_fds=(child.fileno(),),
+                    env=environment,
+                    start_new_session=True,
+                )
+        except BaseException:
+            parent.close()
+            raise
         pipe = self._pipe = Connection(parent.detach())
         log.info(
             "feedback ingest process %d started (CPU priority %s, CPUs %s)", self._child.pid, self._priority, self._cpus
         )
         return pipe
 
+    def _kill(self) -> str:
+        """After a failure the child is killed, not asked to stop (its socket may hold half a message);
+        returns its exit status for the caller's message."""
+        child, self._child = self._child, None
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
+        if child is None:
+            return ""
+        if child.poll() is None:
+            child.kill()
+        return f"; exit status {child.wait()}"
+
     def _stop(self) -> None:
+        """Ask the child to finish (no batch is in flight: the caller holds the lock)."""
         if self._pipe is not None:
             try:
                 self._pipe.send(None)
