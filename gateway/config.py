@@ -190,9 +190,9 @@ class FeedbackConfig:
     window_s: float = 3600.0  # ...over the requests of this last window
     # The ingest process's CPU priority: "idle" (SCHED_IDLE: only CPU nothing else wants) or a nice value 0..19
     ingest_priority: str | int = "idle"
-    # ...and the CPUs it may run on: "any" (every CPU this machine lets it use: at SCHED_IDLE it only takes
-    # what is idle, and the serving CPU is the busiest), "gateway" (the gateway's own affinity) or CPU numbers
-    ingest_cpus: str | tuple[int, ...] = "any"
+    # ...and the CPUs it may run on: "spare" (those the machine allows outside a pinned gateway's own; all
+    # when it is not pinned), "gateway" (the gateway's own affinity) or CPU numbers
+    ingest_cpus: str | tuple[int, ...] = "spare"
 
     def __post_init__(self) -> None:
         if self.check_interval_s < 0 or self.window_s <= 0:
@@ -206,8 +206,8 @@ class FeedbackConfig:
             if not cpus or not all(type(cpu) is int and 0 <= cpu < count for cpu in cpus):
                 raise ConfigError(f"feedback.ingest_cpus: CPU numbers 0..{count - 1} on this machine, got {cpus!r}")
             object.__setattr__(self, "ingest_cpus", tuple(cpus))  # a TOML array arrives as a list
-        elif cpus not in ("any", "gateway"):
-            raise ConfigError(f'feedback.ingest_cpus: "any", "gateway" or an array of CPU numbers, got {cpus!r}')
+        elif cpus not in ("spare", "gateway"):
+            raise ConfigError(f'feedback.ingest_cpus: "spare", "gateway" or an array of CPU numbers, got {cpus!r}')
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,12 @@ batch/rate seconds), in ABBA order: on this shared host the machine drifts by mo
 about within a minute, so phases run one after the other would measure the drift. The verdict is the
 median of the per-pair throughput ratios. Last, feedback alone as fast as it goes.
 
-The gateway's feedback ingest process runs at SCHED_IDLE on any CPU by default (`feedback.ingest_cpus`):
-here, in practice, on what the load generator leaves idle. `--ingest-cpus gateway` keeps it on the
-gateway's pinned CPU, where it only gets what serving leaves.
+The gateway's feedback ingest process runs at SCHED_IDLE off the gateway's pinned CPU by default
+(`feedback.ingest_cpus = "spare"`): here, on what the load generator leaves idle. `--ingest-cpus gateway`
+keeps it on the gateway's CPU, where it only gets what serving leaves.
 
     python loadtests/bench_feedback.py [--pairs 10] [--window 3] [--rate 50000] [--batch 5000]
-                                       [--concurrency 16] [--duration 8] [--ingest-cpus any|gateway]
+                                       [--concurrency 16] [--duration 8] [--ingest-cpus spare|gateway]
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ids", type=int, default=20_000, help="logged requests the truth is for (default 20000)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument(
-        "--ingest-cpus", choices=("any", "gateway"), default="any", help="feedback.ingest_cpus (default any)"
+        "--ingest-cpus", choices=("spare", "gateway"), default="spare", help="feedback.ingest_cpus (default spare)"
     )
     args = parser.parse_args(argv)
     placement = choose_placement()

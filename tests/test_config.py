@@ -40,7 +40,7 @@ def test_model_sections_inherit_defaults(tmp_path: Path) -> None:
         ),
         ("[models.credit]\nmax_batch_sise = 3\n", "unknown configuration key models.credit.max_batch_sise"),
         ("server = 3\n", "server: expected a table, got int"),
-        ('[feedback]\ningest_cpus = "all"\n', 'feedback.ingest_cpus: "any", "gateway" or an array of CPU numbers'),
+        ('[feedback]\ningest_cpus = "any"\n', 'feedback.ingest_cpus: "spare", "gateway" or an array of CPU numbers'),
         ("[feedback]\ningest_cpus = [100000]\n", "feedback.ingest_cpus: CPU numbers 0.."),
         ("[feedback]\ningest_cpus = []\n", "feedback.ingest_cpus: CPU numbers 0.."),
         ("[server\n", "config file"),
@@ -98,4 +98,4 @@ def test_ingest_cpus_array_becomes_a_tuple(tmp_path: Path) -> None:
     path = tmp_path / "g.toml"
     path.write_text("[feedback]\ningest_cpus = [0]\n")
     assert config.load(path).feedback.ingest_cpus == (0,)
-    assert config.GatewayConfig().feedback.ingest_cpus == "any"
+    assert config.GatewayConfig().feedback.ingest_cpus == "spare"

@@ -82,15 +82,16 @@ def test_a_nice_value_instead_of_sched_idle(tmp_path: Path) -> None:
         ingester.close()
 
 
-@pytest.mark.parametrize("cpus", ["any", "gateway", "last"])
+@pytest.mark.parametrize("cpus", ["spare", "gateway", "last"])
 def test_the_child_leaves_a_pinned_gateway_s_cpus_unless_told_to_stay(tmp_path: Path, cpus: str) -> None:
     available = os.sched_getaffinity(0)
     serving, last = min(available), max(available)
     wanted = (last,) if cpus == "last" else cpus
     try:
-        os.sched_setaffinity(0, range(os.sysconf("SC_NPROCESSORS_CONF")))  # what "any" asks for...
-        allowed = os.sched_getaffinity(0)  # ...and gets: every CPU a cgroup's cpuset allows, beyond a taskset
-        expected = {"any": allowed, "gateway": {serving}, "last": {last}}[cpus]
+        os.sched_setaffinity(0, range(os.sysconf("SC_NPROCESSORS_CONF")))
+        allowed = os.sched_getaffinity(0)  # every CPU a cgroup's cpuset allows, beyond a taskset
+        spare = (allowed - {serving}) or {serving}  # one CPU only: nothing is spare, it stays
+        expected = {"spare": spare, "gateway": {serving}, "last": {last}}[cpus]
         os.sched_setaffinity(0, {serving})  # as `taskset` pins a gateway; the child starts from this thread
         ingester = IngestProcess(tmp_path / "log", tmp_path / "feedback", cpus=wanted)
         try:

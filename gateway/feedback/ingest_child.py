@@ -31,9 +31,13 @@ def _place(cpus: str | tuple[int, ...]) -> None:
     to its serving CPUs (`taskset`) would otherwise keep the ingest where it only gets what serving leaves."""
     if cpus == "gateway":
         return
-    wanted = range(os.sysconf("SC_NPROCESSORS_CONF")) if isinstance(cpus, str) else cpus  # "any": offline ones too
+    gateway = os.sched_getaffinity(0)
     try:
-        os.sched_setaffinity(0, wanted)  # the kernel keeps it within the CPUs a cgroup's cpuset allows
+        if isinstance(cpus, str):  # "spare": off the serving CPUs, where it would still take their idle moments
+            os.sched_setaffinity(0, range(os.sysconf("SC_NPROCESSORS_CONF")))  # the kernel clips it to a cpuset
+            os.sched_setaffinity(0, (os.sched_getaffinity(0) - gateway) or gateway)
+        else:
+            os.sched_setaffinity(0, cpus)
     except OSError as e:
         log.warning("cannot run on CPUs %s (%s); staying on %s", cpus, e, os.sched_getaffinity(0))
 
@@ -72,7 +76,7 @@ def main(argv: list[str]) -> None:
     fd, log_dir, feedback_dir, priority, cpus = argv
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s feedback ingest: %(message)s")
     _lower_priority(int(priority) if priority.isdigit() else priority)
-    _place(cpus if cpus in ("any", "gateway") else tuple(int(cpu) for cpu in cpus.split(",")))
+    _place(cpus if cpus in ("spare", "gateway") else tuple(int(cpu) for cpu in cpus.split(",")))
     from multiprocessing.connection import Connection  # ~20 ms of imports: after the priority is lowered
 
     _serve(Connection(int(fd)), Path(log_dir), Path(feedback_dir))

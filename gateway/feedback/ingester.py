@@ -51,7 +51,7 @@ class IngestProcess:
     even once their callers have gone (a cancelled call's batch still runs if it had started)."""
 
     def __init__(
-        self, log_dir: Path, feedback_dir: Path, priority: str | int = "idle", cpus: str | tuple[int, ...] = "any"
+        self, log_dir: Path, feedback_dir: Path, priority: str | int = "idle", cpus: str | tuple[int, ...] = "spare"
     ) -> None:
         self._dirs = (log_dir, feedback_dir)
         self._priority = priority
