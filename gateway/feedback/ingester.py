@@ -9,8 +9,9 @@ So the ingest runs in its own process under SCHED_IDLE by default (`feedback.ing
 Not nice 19: gRPC's transport threads run under SCHED_BATCH (gateway/scheduling.py), and a waking
 SCHED_BATCH thread does not preempt even a nice-19 process, so one request in flight waited out the
 hog's time slice (c1 p50 0.8 -> 4.0 ms in a diagnostic). Every waking thread preempts a SCHED_IDLE one.
-It may run on any CPU by default (`feedback.ingest_cpus`), even when the gateway is pinned: confined to
-a fully loaded serving CPU it got ~25,000 records/s, while the machine's other CPU sat ~40% idle.
+By default it moves off a pinned gateway's CPUs (`feedback.ingest_cpus = "spare"`): confined to a fully
+loaded serving CPU it got ~25,000 records/s while the other CPU sat ~40% idle, and allowed on both it
+still cost inference the serving CPU's idle moments (0.93× against 1.01× off it, in one run).
 
 The child opens the request log read-only and the feedback store for writing (LMDB serialises writers
 across processes; the gateway's own handle on the store reads what the child commits). It is started on
