@@ -86,6 +86,7 @@ def version_info(version: ModelVersion, in_use: str) -> Any:
 
 
 DEFAULT_STATUS_WINDOW_S = 60.0
+NO_REQUEST_LOG = "feedback: this gateway runs without a request log, so truth has nothing to join"
 
 
 def _gate(result: GateResult) -> Any:
@@ -623,16 +624,15 @@ class AdminServicer:
 
     def _store(self) -> FeedbackStore:
         if self._feedback is None:
-            raise FailedPrecondition("feedback: this gateway runs without a request log, so truth has nothing to join")
+            raise FailedPrecondition(NO_REQUEST_LOG)
         return self._feedback
 
     @refusals_answered(pb.SubmitFeedbackResponse)
     async def SubmitFeedback(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._caller(context, "operator", f"SubmitFeedback for {request.model!r}")
         self._known(request.model, required=True)
-        self._store()
-        if self._feedback_ingest is None:
-            raise FailedPrecondition("feedback: this gateway runs without a feedback ingest process")
+        if self._feedback_ingest is None:  # there is one exactly when there is a request log
+            raise FailedPrecondition(NO_REQUEST_LOG)
         task = self._task(request.model)
         # Checked and written by the ingest process, on CPU inference leaves idle; a thread of its own
         # waits for the answer, so a batch of thousands never holds up the event loop.

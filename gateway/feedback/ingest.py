@@ -208,8 +208,9 @@ def submit(
     packed["observed_ns"] = np.where(observed == 0, now, observed)
     packed["weight"] = np.concatenate(rows.weights)
     packed["received_ns"] = now
-    # Keys are distinct (repeats were refused). One sort serves the log lookup and the write, which then
-    # visit B-tree pages in order; sorting (key, value) pairs instead costs twice as much as keys alone.
+    # Keys are distinct (repeats were refused). Sorted once here, so the log lookup and the write visit
+    # B-tree pages in order (their own sorts then find sorted input: linear); sorting (key, value) pairs
+    # instead costs twice as much as keys alone.
     value_of = dict(zip(keys, packed.view(f"V{RECORD.itemsize}").tolist(), strict=True))  # bytes per row, in C
     in_order = sorted(value_of)
     known = log.known_keys(in_order)
