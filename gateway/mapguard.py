@@ -12,15 +12,28 @@ Transactions stay short (readers read in bounded chunks), so the wait is too."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import lmdb
+
+_Opened = TypeVar("_Opened")
 
 
 class EnvironmentClosed(Exception):
     """The environment was closed (a rotated or deleted log segment) while a transaction waited for it."""
+
+
+def opening(env: lmdb.Environment, open_databases: Callable[[], _Opened]) -> _Opened:
+    """`open_databases()` on a just-opened environment, before any guard exists (a guard's transactions
+    need the databases). Its transaction fails with MDB_MAP_RESIZED if another process grew the map
+    meanwhile: then the new size is adopted, once."""
+    try:
+        return open_databases()
+    except lmdb.MapResizedError:
+        env.set_mapsize(0)  # 0: the size the file's header records now
+        return open_databases()
 
 
 class MapGuard:

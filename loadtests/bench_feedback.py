@@ -76,6 +76,7 @@ class FeedbackSender(threading.Thread):
         self.target, self.metadata, self.batch, self.rate = target, [("authorization", f"Bearer {token}")], batch, rate
         self.stored = 0
         self.problems = 0
+        self.first_problem = ""
         self.elapsed_s = 0.0
         self.stop = threading.Event()
 
@@ -94,7 +95,12 @@ class FeedbackSender(threading.Thread):
                     submit(self.batches[n % len(self.batches)], metadata=self.metadata, timeout=30)
                 )
                 self.stored += answer.stored
-                self.problems += len(answer.unknown_ids) + len(answer.invalid)
+                refused = len(answer.unknown_ids) + len(answer.invalid)
+                if refused and not self.problems:  # the first refusal says why
+                    self.first_problem = (
+                        f"unknown id {answer.unknown_ids[0]!r}" if answer.unknown_ids else answer.invalid[0].reason
+                    )
+                self.problems += refused
                 n += 1
             self.elapsed_s = time.monotonic() - started
 
@@ -149,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                 sender.stop.set()
                 sender.join()
                 if sender.problems:
-                    raise RuntimeError(f"{sender.problems} feedback records refused in a window")
+                    raise RuntimeError(
+                        f"{sender.problems} feedback records refused in a window, the first: {sender.first_problem}"
+                    )
                 return result.throughput, sender.stored / sender.elapsed_s
 
             ratios, rates = [], []

@@ -347,6 +347,56 @@ def test_a_reader_adopts_a_map_another_process_grew(tmp_path: Path) -> None:
     assert reader.count() == 17
 
 
+KEEP_WRITING = """
+import asyncio, sys, time
+from pathlib import Path
+from gateway.config import LogConfig
+from gateway.requestlog.record import Record, Tensor
+from gateway.requestlog.writer import LogWriter
+
+async def main() -> None:
+    writer = LogWriter(Path(sys.argv[1]), LogConfig(segment_max_bytes=256 << 20))
+    print("writing", flush=True)
+    n, stop = 0, time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < stop:  # a live segment that keeps adding pages, as a gateway under load does
+        record = Record(f"w-{n}", time.time_ns(), "m", "1")
+        record.inputs = [Tensor("x", "UINT8", [4096], bytes(4096))]
+        await writer.commit(record)
+        n += 1
+    await writer.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_reader_opening_the_live_segment_while_it_grows_is_not_turned_away(tmp_path: Path) -> None:
+    """A reader in another process (the feedback ingest process, `canary-gateway log get`) opens the live
+    segment while the gateway adds pages to it. It used to map only the pages in use at that instant, so
+    the next page written made its own open fail (MDB_MAP_RESIZED) about once in 80 opens, and the segment
+    was skipped as damaged for the reader's lifetime: every id in it became unknown."""
+
+    async def first() -> None:
+        writer = LogWriter(tmp_path, LogConfig(segment_max_bytes=256 << 20))
+        await _write(writer, _records(3000, payload=4096))  # past the 10 MiB an unsized map starts at
+        await writer.close()
+
+    asyncio.run(first())
+    writing = subprocess.Popen(
+        [sys.executable, "-c", KEEP_WRITING, str(tmp_path), "3"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writing.stdout is not None and writing.stdout.readline() == "writing\n"
+        opens, deadline = 0, time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            reader = LogReader(tmp_path)
+            assert reader.known_keys([b"r7", b"nobody"]) == {b"r7"}, reader.problems
+            reader.close()
+            opens += 1
+    finally:
+        assert writing.wait(timeout=30) == 0
+    assert opens > 200  # enough opens that the old ~1.2% failure rate could not pass unseen
+
+
 def test_an_undecodable_record_is_reported_not_dropped(tmp_path: Path) -> None:
     async def run() -> None:
         writer = LogWriter(tmp_path, LogConfig())

@@ -16,7 +16,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from gateway.mapguard import MapGuard
+from gateway.mapguard import MapGuard, opening
 from gateway.requestlog.record import id_key
 
 TRUTH_DB = b"truth"
@@ -59,7 +59,7 @@ class FeedbackStore:
         self.path = directory
         directory.mkdir(parents=True, exist_ok=True)
         env = lmdb.open(str(directory), map_size=map_size, max_dbs=1, metasync=False, max_readers=256)
-        self._db = env.open_db(TRUTH_DB)
+        self._db = opening(env, lambda: env.open_db(TRUTH_DB))  # another ingest process may be growing it
         # Workers (`--workers N`) each open the store: when one grows the map, the others adopt it.
         self._guard = MapGuard(env)
 

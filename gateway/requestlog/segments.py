@@ -16,7 +16,7 @@ from pathlib import Path
 
 import lmdb
 
-from gateway.mapguard import MapGuard
+from gateway.mapguard import MapGuard, opening
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +62,22 @@ class Segment:
     def open(cls, path: Path, map_size: int, readonly: bool = False) -> Segment:
         """Open (or create, for the writer) one segment; commits never fsync (the writer's syncer does)."""
         if readonly:
-            env = lmdb.open(str(path), readonly=True, lock=True, max_dbs=2, create=False)
+            # map_size 0: the map the writer's header records. An unsized reader would map only the pages in
+            # use as it opens, and the writer's next page would fail the very next transaction, open_db's.
+            env = lmdb.open(str(path), readonly=True, lock=True, max_dbs=2, create=False, map_size=0)
         else:
             path.mkdir(parents=True, exist_ok=True)
             env = lmdb.open(
                 str(path), map_size=map_size, max_dbs=2, sync=False, metasync=False, writemap=True, max_readers=256
             )
         try:
-            records = env.open_db(RECORDS_DB, create=not readonly)
-            ids = env.open_db(IDS_DB, dupsort=True, create=not readonly)
+            records, ids = opening(
+                env,
+                lambda: (
+                    env.open_db(RECORDS_DB, create=not readonly),
+                    env.open_db(IDS_DB, dupsort=True, create=not readonly),
+                ),
+            )
         except lmdb.Error:
             env.close()
             raise
