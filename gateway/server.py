@@ -121,7 +121,12 @@ class Gateway:
         self.feedback = FeedbackStore(config.feedback_dir) if config.log.enabled else None
         self.feedback_ingest = (
             IngestProcess(
-                config.log_dir, config.feedback_dir, config.feedback.ingest_priority, config.feedback.ingest_cpus
+                config.log_dir,
+                config.feedback_dir,
+                config.feedback.ingest_priority,
+                config.feedback.ingest_cpus,
+                config.server.log_level,
+                slot,
             )
             if config.log.enabled
             else None

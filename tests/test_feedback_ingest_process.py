@@ -21,6 +21,7 @@ from gateway.feedback.ingester import IngestProcess
 from gateway.feedback.store import FeedbackStore
 from gateway.protocol import admin as pb
 from gateway.requestlog.record import Record
+from gateway.requestlog.segments import list_segments
 from gateway.requestlog.writer import LogWriter
 
 
@@ -181,3 +182,25 @@ def test_a_child_that_stops_reading_times_out_even_mid_send(tmp_path: Path, monk
         assert ingester.pid is None  # killed, not asked
     finally:
         ingester.close()
+
+
+def test_the_child_logs_at_the_gateways_level_and_names_its_worker(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    async def log_a_request() -> None:
+        writer = LogWriter(tmp_path / "log", LogConfig())
+        await writer.commit(Record("req-0", time.time_ns(), "m", "1"))
+        await writer.close()
+
+    asyncio.run(log_a_request())
+    [segment] = list_segments(tmp_path / "log")
+    (segment / "data.mdb").write_bytes(b"garbage" * 10)  # the child's reader warns that it skips it
+    for level, worker in (("warning", 3), ("error", None)):
+        ingester = IngestProcess(tmp_path / "log", tmp_path / "feedback", log_level=level, worker=worker)
+        try:
+            assert ingester.submit("m", REGRESSOR, _batch(["req-0"], [1.0])).unknown_ids == ["req-0"]
+        finally:
+            ingester.close()
+    lines = [line for line in capfd.readouterr().err.splitlines() if "damaged segment skipped" in line]
+    assert len(lines) == 1, lines  # at "error" the warning is not written
+    assert " WARNING worker 3 gateway.requestlog.reader (feedback ingest process " in lines[0]

@@ -1,5 +1,5 @@
 """The feedback ingest process's side (see `ingester`): `python -m gateway.feedback.ingest_child FD LOG_DIR
-FEEDBACK_DIR PRIORITY CPUS`. It lowers its CPU priority and moves to its CPUs first, and only then
+FEEDBACK_DIR PRIORITY CPUS LOG_LEVEL WORKER`. It lowers its CPU priority and moves to its CPUs first, and only then
 imports what checking and storing need (numpy, lmdb, gRPC's errors, the messages: ~0.3 s of CPU), so
 starting it takes next to nothing from serving."""
 
@@ -72,9 +72,14 @@ def _serve(pipe: Connection, log_dir: Path, feedback_dir: Path) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """The arguments IngestProcess starts it with: the socket's fd, the directories, priority and CPUs."""
-    fd, log_dir, feedback_dir, priority, cpus = argv
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s feedback ingest: %(message)s")
+    """The arguments IngestProcess starts it with: the socket's fd, the directories, priority, CPUs, and the
+    gateway's log level and worker slot ("" for a lone gateway), so its lines read like the gateway's own."""
+    fd, log_dir, feedback_dir, priority, cpus, log_level, worker = argv
+    logging.basicConfig(
+        level=log_level.upper(),
+        format=f"%(asctime)s %(levelname)s {f'worker {worker} ' if worker else ''}%(name)s "
+        "(feedback ingest process %(process)d): %(message)s",
+    )
     _lower_priority(int(priority) if priority.isdigit() else priority)
     _place(cpus if cpus in ("spare", "gateway") else tuple(int(cpu) for cpu in cpus.split(",")))
     from multiprocessing.connection import Connection  # ~20 ms of imports: after the priority is lowered

@@ -52,11 +52,18 @@ class IngestProcess:
     even once their callers have gone (a cancelled call's batch still runs if it had started)."""
 
     def __init__(
-        self, log_dir: Path, feedback_dir: Path, priority: str | int = "idle", cpus: str | tuple[int, ...] = "spare"
+        self,
+        log_dir: Path,
+        feedback_dir: Path,
+        priority: str | int = "idle",
+        cpus: str | tuple[int, ...] = "spare",
+        log_level: str = "info",
+        worker: int | None = None,
     ) -> None:
         self._dirs = (log_dir, feedback_dir)
         self._priority = priority
         self._cpus = cpus
+        self._logging = (log_level, "" if worker is None else str(worker))  # the gateway's level; its worker slot
         self._lock = threading.Lock()
         self._child: subprocess.Popen[bytes] | None = None
         self._pipe: Connection | None = None
@@ -125,7 +132,7 @@ class IngestProcess:
         parent, child = socket.socketpair()
         parent.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(ANSWER_TIMEOUT_S), 0))
         cpus = self._cpus if isinstance(self._cpus, str) else ",".join(map(str, self._cpus))
-        argv = [str(child.fileno()), *map(str, self._dirs), str(self._priority), cpus]
+        argv = [str(child.fileno()), *map(str, self._dirs), str(self._priority), cpus, *self._logging]
         # The child runs this very code: the directory this `gateway` came from first, then the gateway's own
         # import path; not the working directory (-P), which may hold another checkout.
         package_root = str(Path(ingest_child.__file__).resolve().parents[2])
