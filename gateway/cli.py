@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import sys
 
 from gateway import admin_cli, feedback_cli, rollout_cli
@@ -74,8 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _allow_all_open_files() -> None:
+    """Raise the soft limit on open files to the hard one. Every process that reads the request log
+    (each worker, its feedback ingest process, `log` commands) keeps two descriptors per segment open,
+    and with hourly segments kept for weeks that passes the common soft limit of 1024, which would then
+    refuse gRPC connections too. Children inherit the raised limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and hard != resource.RLIM_INFINITY:  # infinity: more than the kernel allows a process
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):  # a sandbox that forbids it: the soft limit stays
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _allow_all_open_files()
     try:
         return int(args.func(args))
     except ConfigError as e:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -22,8 +23,8 @@ from gateway.config import LogConfig
 from gateway.protocol import Stub
 from gateway.protocol import inference as pb
 from gateway.requestlog.reader import LogReader, Query
-from gateway.requestlog.record import Record, Tensor, decode, encode
-from gateway.requestlog.segments import list_segments
+from gateway.requestlog.record import Record, Tensor, decode, encode, id_key
+from gateway.requestlog.segments import Segment, list_segments, segment_name
 from gateway.requestlog.writer import LogWriter
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -397,6 +398,109 @@ def test_a_reader_opening_the_live_segment_while_it_grows_is_not_turned_away(tmp
     assert opens > 200  # enough opens that the old ~1.2% failure rate could not pass unseen
 
 
+def test_a_segment_still_being_created_is_read_once_it_exists(tmp_path: Path) -> None:
+    """A reader that lists the log while the writer creates a segment (its directory made, its file or
+    databases not yet) skips it this time and reads it later; it used to write it off as damaged for good."""
+
+    async def first() -> None:
+        writer = LogWriter(tmp_path, LogConfig())
+        await writer.commit(Record("old", time.time_ns(), "m", "1"))
+        await writer.close()
+
+    asyncio.run(first())
+    creating = tmp_path / segment_name(time.time_ns())
+    creating.mkdir()  # the writer's first step: no data.mdb yet
+    reader = LogReader(tmp_path)
+    assert [r.id for r in reader.get("old")] == ["old"] and not reader.problems
+    Segment.open(creating, 1 << 20).close()  # an environment, and its databases (created empty)
+    assert reader.known_keys([b"old", b"new"]) == {b"old"} and not reader.problems
+    put = "import sys, pathlib; from gateway.requestlog.segments import Segment\n"
+    put += "s = Segment.open(pathlib.Path(sys.argv[1]), 1 << 20)\n"
+    put += "with s.guard.transaction(write=True) as t: t.put(b'new', b'key', db=s.ids)"
+    subprocess.run([sys.executable, "-c", put, str(creating)], check=True, timeout=60)  # the reader holds it open
+    assert reader.known_keys([b"old", b"new"]) == {b"old", b"new"} and not reader.problems
+
+
+OUT_OF_FILE_DESCRIPTORS = """
+import resource, sys
+from pathlib import Path
+from gateway.requestlog.reader import LogReader
+from gateway.requestlog.record import id_key
+
+reader = LogReader(Path(sys.argv[1]))
+ids = [id_key(f"s-{n}") for n in range(int(sys.argv[2]))]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))  # room for a few segments only (2 descriptors each)
+print(len(reader.known_keys(ids)))
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+print(len(reader.known_keys(ids)), len(reader.problems))
+"""
+
+
+def test_segments_a_reader_had_no_file_descriptors_for_are_read_later(tmp_path: Path) -> None:
+    for n in range(40):
+        segment = Segment.open(tmp_path / segment_name(n + 1), 1 << 20)
+        with segment.guard.transaction(write=True) as txn:
+            txn.put(id_key(f"s-{n}"), b"key", db=segment.ids)
+        segment.close()
+    run = subprocess.run(
+        [sys.executable, "-c", OUT_OF_FILE_DESCRIPTORS, str(tmp_path), "40"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    short, later = run.stdout.splitlines()
+    assert int(short) < 40  # the limit did bite: some segments could not be opened
+    assert later == "40 0", run.stderr  # ...and none was written off as damaged
+    assert "Too many open files" in run.stderr
+
+
+GROW_AND_KEEP_WRITING = """
+import sys
+from pathlib import Path
+from gateway.requestlog.segments import Segment
+
+segment = Segment.open(Path(sys.argv[1]), 1 << 20)  # a worker live on the segment, at the configured map
+segment.guard.grow(16 << 20)  # ...grows it for a record larger than an empty segment
+with segment.guard.transaction(write=True) as txn:
+    txn.put(b"big", bytes(3 << 20), db=segment.records)
+print("grown", flush=True)
+sys.stdin.readline()  # meanwhile another worker opens the segment
+for n in range(8):  # new pages, beyond those in use when the other worker opened it
+    with segment.guard.transaction(write=True) as txn:
+        txn.put(b"more-%d" % n, bytes(1 << 20), db=segment.records)
+print("wrote on", flush=True)
+segment.close()
+"""
+
+
+def test_a_worker_opening_a_segment_another_grew_leaves_its_file_whole(tmp_path: Path) -> None:
+    """With writemap LMDB truncates the file to the map it is opened with: a restarted or adopting worker
+    opening the live segment at the configured size cut the file under the worker that had grown it, whose
+    next new page then lay past the end of the file, and that worker died of SIGBUS."""
+    path = tmp_path / segment_name(time.time_ns())
+    grower = subprocess.Popen(
+        [sys.executable, "-c", GROW_AND_KEEP_WRITING, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert grower.stdin is not None and grower.stdout is not None
+    try:
+        assert grower.stdout.readline() == "grown\n"
+        other = Segment.open(path, 1 << 20)  # what LogWriter does with the newest segment at start or rotation
+        assert (path / "data.mdb").stat().st_size >= 16 << 20
+        assert other.env.info()["map_size"] >= 16 << 20
+        other.close()
+        grower.stdin.write("\n")
+        grower.stdin.flush()
+        assert grower.stdout.readline() == "wrote on\n"
+    finally:
+        grower.stdin.close()
+        assert grower.wait(timeout=30) == 0
+
+
 def test_an_undecodable_record_is_reported_not_dropped(tmp_path: Path) -> None:
     async def run() -> None:
         writer = LogWriter(tmp_path, LogConfig())
@@ -485,3 +589,28 @@ def test_fsync_mode_shares_one_fsync_among_waiting_answers(tmp_path: Path) -> No
     assert writer.records_written == 200
     assert 0 < writer.fsyncs < 200  # group fsync: concurrent answers share fsyncs
     assert len(list(LogReader(tmp_path).query())) == 200
+
+
+def _lower_open_files_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+def test_the_gateway_raises_its_open_files_limit_for_the_segments_its_readers_keep_open(
+    repository: Path, tmp_path: Path
+) -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard <= 256 or hard == resource.RLIM_INFINITY:
+        pytest.skip(f"the hard limit ({hard}) leaves nothing to raise to")
+    argv = [sys.executable, "-m", "gateway", "serve", "--model-repository", str(repository), "--port", "0"]
+    argv += ["--state-dir", str(tmp_path / "state")]
+    server = subprocess.Popen(argv, preexec_fn=_lower_open_files_limit, stderr=subprocess.DEVNULL)
+    try:
+        deadline, soft = time.monotonic() + 30, "256"
+        while soft == "256" and time.monotonic() < deadline and server.poll() is None:
+            time.sleep(0.05)
+            limits = Path(f"/proc/{server.pid}/limits").read_text().splitlines()
+            soft = next(line for line in limits if line.startswith("Max open files")).split()[3]
+        assert soft == str(hard)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

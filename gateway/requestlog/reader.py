@@ -23,6 +23,16 @@ from gateway.mapguard import EnvironmentClosed
 from gateway.requestlog.record import KEY, Record, RecordFormatError, decode, id_key, key_time_ns
 from gateway.requestlog.segments import Segment, list_segments, segment_start_ns
 
+DAMAGE = (
+    lmdb.CorruptedError,
+    lmdb.InvalidError,
+    lmdb.VersionMismatchError,
+    lmdb.PageNotFoundError,
+    lmdb.IncompatibleError,
+    lmdb.BadChecksumError,
+)
+"""What LMDB says of a file that is no sound segment: it will not get better, so it is reported once and
+skipped for good."""
 OVERLAP_NS = 1_000_000_000
 """With several workers, one may write a segment for a few milliseconds after another started the next."""
 READ_CHUNK = 1024
@@ -113,9 +123,17 @@ class LogReader:
                 continue
             try:
                 self._open[path] = Segment.open(path, 0, readonly=True)
-            except lmdb.Error as e:
+            except DAMAGE as e:
                 self._damaged.add(path)
                 self._report(Problem(path, None, f"damaged segment skipped: {e}"))
+            except lmdb.Error as e:
+                # Not damaged, not readable now: the newest segment may still be in creation (no file or no
+                # databases yet), or no file descriptor is spare. Tried again on the next read: skipped for
+                # good, its records would be missing for the rest of a long-lived reader's life.
+                creating = path == paths[-1]
+                log.log(
+                    logging.DEBUG if creating else logging.WARNING, "request log: %s skipped this time: %s", path, e
+                )
         ordered = [
             live if live is not None and p == live.path else self._open[p]
             for p in paths

@@ -67,9 +67,21 @@ class Segment:
             env = lmdb.open(str(path), readonly=True, lock=True, max_dbs=2, create=False, map_size=0)
         else:
             path.mkdir(parents=True, exist_ok=True)
+            # With writemap, LMDB truncates the file to the map it opens with: a segment another worker grew
+            # (a record larger than an empty segment) is opened at its header's size, never cut back under
+            # that worker's map, whose next new page would then lie past the end of the file (SIGBUS).
+            existing = (path / "data.mdb").exists()
             env = lmdb.open(
-                str(path), map_size=map_size, max_dbs=2, sync=False, metasync=False, writemap=True, max_readers=256
+                str(path),
+                map_size=0 if existing else map_size,
+                max_dbs=2,
+                sync=False,
+                metasync=False,
+                writemap=True,
+                max_readers=256,
             )
+            if existing and env.info()["map_size"] < map_size:
+                env.set_mapsize(map_size)
         try:
             records, ids = opening(
                 env,
