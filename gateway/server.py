@@ -159,6 +159,7 @@ class Gateway:
                 certificate_caller=certificate_caller,
             ),
             hot=("ModelInfer",),
+            undecodable=("ModelInfer", "ModelStreamInfer"),  # refused INVALID_ARGUMENT and logged, bytes kept
         )
         admin = AdminServicer(
             self.repository,

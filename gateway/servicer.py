@@ -21,6 +21,7 @@ from gateway.codec import decode_request, encode_response
 from gateway.errors import GatewayError, InvalidArgument, NotFound, Unauthenticated
 from gateway.inference import InferenceService
 from gateway.lifecycle import ModelLifecycle
+from gateway.protocol import Undecodable
 from gateway.protocol import inference as pb
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.runtime import TensorSpec
@@ -194,7 +195,7 @@ class InferenceServicer:
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         try:
-            decoded = decode_request(request)
+            decoded = decode_request(_parsed(request))
             headers = dict(context.invocation_metadata() or ())
             decoded.caller = self._caller(headers, context)
         except GatewayError as e:
@@ -226,7 +227,7 @@ class InferenceServicer:
             try:
                 if refused is not None:
                     raise refused
-                decoded = decode_request(request)
+                decoded = decode_request(_parsed(request))
             except GatewayError as e:
                 return _stream_error(request, await self._log_unprocessed(request, e))
             decoded.caller = caller
@@ -292,12 +293,15 @@ class InferenceServicer:
         await self._lifecycle.unload_model(request.model_name, who=identity.name, why=why)
         return pb.RepositoryModelUnloadResponse()
 
-    async def _log_unprocessed(self, request: pb.ModelInferRequest, error: GatewayError) -> GatewayError:
-        """Log a request refused before processing; return the error to answer with."""
+    async def _log_unprocessed(self, request: pb.ModelInferRequest | Undecodable, error: GatewayError) -> GatewayError:
+        """Log a request refused before processing, with its bytes; return the error to answer with."""
         try:
-            await self._service.reject_unprocessed(
-                request.model_name, request.model_version, request.id, error, request.SerializeToString()
-            )
+            if isinstance(request, Undecodable):
+                await self._service.reject_unprocessed("", "", "", error, request.data)
+            else:
+                await self._service.reject_unprocessed(
+                    request.model_name, request.model_version, request.id, error, request.SerializeToString()
+                )
         except GatewayError as log_error:  # the log could not take the record: say so instead
             return log_error
         return error
@@ -320,11 +324,20 @@ def _reason(parameters: Any, default: str) -> str:
     return default
 
 
-def _stream_error(request: pb.ModelInferRequest, error: GatewayError) -> pb.ModelStreamInferResponse:
+def _parsed(request: pb.ModelInferRequest | Undecodable) -> pb.ModelInferRequest:
+    if isinstance(request, Undecodable):
+        raise InvalidArgument(f"request: not a valid ModelInferRequest message: {request.reason}")
+    return request
+
+
+def _stream_error(request: pb.ModelInferRequest | Undecodable, error: GatewayError) -> pb.ModelStreamInferResponse:
     """One streamed request's failure: its status and message in `error_message`, its id in the reply."""
+    id_ = "" if isinstance(request, Undecodable) else request.id
     if error.limit is None:  # as in `reject`: refusals by limits are logged and counted, not printed
-        log.info("ModelStreamInfer request %r rejected with %s: %s", request.id, error.code.name, error.message)
+        log.info("ModelStreamInfer request %r rejected with %s: %s", id_, error.code.name, error.message)
     reply = pb.ModelStreamInferResponse(error_message=f"{error.code.name}: {error.message}")
+    if isinstance(request, Undecodable):
+        return reply
     reply.infer_response.id = request.id
     reply.infer_response.model_name = request.model_name
     reply.infer_response.model_version = request.model_version

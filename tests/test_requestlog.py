@@ -76,6 +76,32 @@ def test_every_request_of_a_mixed_run_has_exactly_one_record(gateway: GatewayPro
     assert reader.problems == []
 
 
+def test_a_message_protobuf_cannot_parse_is_refused_precisely_and_logged(gateway: GatewayProcess) -> None:
+    """Bytes that are no ModelInferRequest (bad wire format, invalid UTF-8 in a string field) used to fail
+    inside gRPC's deserializer: UNKNOWN, no record, and on a stream the end of the whole stream."""
+    garbage = b"\xff\xff\xff\xff"
+    bad_utf8 = b"\x0a\x03\xff\xfe\xfd" + _mlp_request("bad-utf8", np.zeros((1, 32), np.float32)).SerializeToString()
+    with grpc.insecure_channel(gateway.address) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for payload in (garbage, bad_utf8):
+            with pytest.raises(grpc.RpcError) as refused:
+                infer(payload, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "request: not a valid ModelInferRequest message" in str(refused.value.details())
+        stream = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+        messages = [_mlp_request(f"stream-{n}", np.zeros((1, 32), np.float32)).SerializeToString() for n in (1, 3)]
+        replies = list(stream(iter([messages[0], garbage, messages[1]]), timeout=10))
+    assert sorted(r.infer_response.id for r in replies if not r.error_message) == ["stream-1", "stream-3"]
+    [error] = [r.error_message for r in replies if r.error_message]
+    assert error.startswith("INVALID_ARGUMENT: request: not a valid ModelInferRequest message")
+    logged = [r for r in LogReader(gateway.state_dir / "log").query() if r.raw_request in (garbage, bad_utf8)]
+    assert sorted(r.raw_request for r in logged) == sorted([garbage, garbage, bad_utf8])  # bytes kept, not lost
+    assert all(r.status == INVALID_ARGUMENT and "not a valid ModelInferRequest" in r.message for r in logged)
+
+
 def test_the_callers_w3c_trace_id_is_logged(gateway: GatewayProcess, stub: Stub) -> None:
     trace = "4bf92f3577b34da6a3ce929d0e0e4736"
     x = np.ones((1, 32), dtype=np.float32)
