@@ -146,18 +146,19 @@ class Gateway:
             CertificateCaller(config.tls.client_cert_role) if self.tls is not None and self.tls.mutual else None
         )
         self.server, self.port = self._listen(config.server.port)
+        self.inference = InferenceServicer(
+            self.repository,
+            self.service,
+            self.tokens,
+            require_token=config.auth.inference == "token",
+            stream_max_in_flight=config.server.stream_max_in_flight,
+            lifecycle=self.lifecycle,
+            certificate_caller=certificate_caller,
+        )
         protocol.add_service(
             self.server,
             protocol.inference.GRPCInferenceService,
-            InferenceServicer(
-                self.repository,
-                self.service,
-                self.tokens,
-                require_token=config.auth.inference == "token",
-                stream_max_in_flight=config.server.stream_max_in_flight,
-                lifecycle=self.lifecycle,
-                certificate_caller=certificate_caller,
-            ),
+            self.inference,
             hot=("ModelInfer",),
             undecodable=("ModelInfer", "ModelStreamInfer"),  # refused INVALID_ARGUMENT and logged, bytes kept
         )
@@ -547,6 +548,7 @@ class Gateway:
                 await self.admin_server.stop(self.config.server.grace_period_s)
         if not loading.done():
             await loading  # let warm-up finish so its thread does not outlive the sessions
+        await self.inference.drain_streams()  # requests of streams that ended early; they may mirror shadows
         await self.shadows.drain()
         if self.gateway_traffic.board is not None:
             self.gateway_traffic.publish()  # a restarted worker carries on from these totals

@@ -6,6 +6,7 @@ into gRPC status codes.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -127,6 +128,7 @@ class InferenceServicer:
         self._stream_max_in_flight = stream_max_in_flight
         self._certificate_caller = certificate_caller
         self._version = _server_version()
+        self._stream_answers: set[asyncio.Task[Any]] = set()  # ModelStreamInfer requests running, all streams
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -242,8 +244,14 @@ class InferenceServicer:
             encode_response(response, reply.infer_response)
             return reply
 
-        async for reply in RequestStream(answer, self._stream_max_in_flight).replies(requests):
+        async for reply in RequestStream(answer, self._stream_max_in_flight, self._stream_answers).replies(requests):
             yield reply
+
+    async def drain_streams(self) -> None:
+        """Wait for streamed requests still running (their streams may have ended): at shutdown, after the
+        server stopped and before the log closes, so each still gets its record."""
+        while self._stream_answers:
+            await asyncio.gather(*self._stream_answers, return_exceptions=True)
 
     def _repository_admin(self, context: grpc.aio.ServicerContext, action: str) -> Identity:
         identity = self._caller(dict(context.invocation_metadata() or ()), context)

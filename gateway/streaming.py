@@ -30,11 +30,19 @@ class RequestStream(Generic[Request, Reply]):
     ends the whole stream with that exception (as it would end a unary call).
     """
 
-    def __init__(self, answer: Callable[[Request], Coroutine[Any, Any, Reply]], max_in_flight: int) -> None:
+    def __init__(
+        self,
+        answer: Callable[[Request], Coroutine[Any, Any, Reply]],
+        max_in_flight: int,
+        outstanding: set[asyncio.Task[Any]] | None = None,
+    ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
         self._answer = answer
         self._max_in_flight = max_in_flight
+        # Every answer running, of every stream: they outlive a stream that ends early, and shutdown
+        # waits for them before it closes what they use (the request log, the models).
+        self._outstanding = outstanding if outstanding is not None else set()
 
     async def replies(self, requests: AsyncIterator[Request]) -> AsyncIterator[Reply]:
         loop = asyncio.get_running_loop()
@@ -45,6 +53,7 @@ class RequestStream(Generic[Request, Reply]):
 
         def on_done(task: asyncio.Task[Reply]) -> None:
             running.discard(task)
+            self._outstanding.discard(task)
             if not task.cancelled():
                 error = task.exception()
                 finished.put_nowait(task.result() if error is None else error)
@@ -57,6 +66,7 @@ class RequestStream(Generic[Request, Reply]):
                     task = loop.create_task(self._answer(request))
                     started += 1
                     running.add(task)
+                    self._outstanding.add(task)
                     task.add_done_callback(on_done)
             except asyncio.CancelledError:
                 raise

@@ -8,6 +8,7 @@ import asyncio
 import queue
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from conftest import GatewayProcess
+from models import save_model, slow_identity_graph
 
 from gateway.protocol import Stub
 from gateway.protocol import inference as pb
@@ -177,6 +179,32 @@ def test_every_answer_a_dying_client_received_is_logged(gateway: GatewayProcess)
         assert Stub(channel).ServerReady(pb.ServerReadyRequest(), timeout=10).ready
     reader = LogReader(gateway.state_dir / "log")
     assert all(len(reader.get(request_id)) == 1 for request_id in received)
+
+
+def test_requests_of_a_cancelled_stream_are_logged_even_when_the_gateway_stops_at_once(tmp_path: Path) -> None:
+    """A stream the client cancels leaves its requests running; a SIGTERM right after used to close the log
+    under them (6 of 20 logged in a reviewer's run): shutdown now waits for them."""
+    repository = tmp_path / "models"
+    save_model(repository, "slow", "1", slow_identity_graph(repeats=20))
+    config = '[models.slow]\nexecution = "thread"\nmax_batch_size = 1\nmax_queue = 0\n'
+    gateway = GatewayProcess(repository, config, tmp_path)
+    gateway.wait_ready()
+    x = np.ones((1, 64), np.float32)
+    everything_sent = threading.Event()
+
+    def requests() -> Iterator[pb.ModelInferRequest]:
+        yield from (_raw_mlp_request(f"gone-{i}", x, model="slow") for i in range(20))
+        everything_sent.set()
+        time.sleep(30)  # the stream stays open until the client cancels it
+
+    with grpc.insecure_channel(gateway.address) as channel:
+        call = Stub(channel).ModelStreamInfer(requests())
+        assert everything_sent.wait(30)
+        time.sleep(0.2)  # the gateway has read them all (it reads ahead of its answers)
+        call.cancel()
+    assert gateway.stop() == 0, gateway.log
+    reader = LogReader(gateway.state_dir / "log")
+    assert [len(reader.get(f"gone-{i}")) for i in range(20)] == [1] * 20
 
 
 async def _slow_double(n: int) -> int:
