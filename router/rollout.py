@@ -36,10 +36,12 @@ sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,9 +228,18 @@ class RolloutStore:
 
     def __init__(self, path: str | Path, map_size: int = 1 << 28) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
+        self._lock_path = Path(path) / "rollouts.lock"
         self._env = lmdb.open(str(path), map_size=map_size, max_dbs=2)
         self._db = self._env.open_db(b"rollouts")
         self._meta = self._env.open_db(b"meta")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Held by a process (worker) while it reads, decides on and saves rollouts, so that no process saves
+        over a change another one made after its read. Not reentrant."""
+        with open(self._lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            yield
 
     def save(self, rollout: Rollout) -> None:
         with self._env.begin(write=True) as txn:
@@ -322,6 +333,14 @@ class RolloutManager:
             self._loaded_version = version
             self._rollouts = {r.id: r for r in self._store.load()}
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """For a change to the rollouts: under the store's lock, from the state as stored when it was taken, so
+        a decision never saves over an action another worker committed meanwhile (an abort, a pause)."""
+        with self._store.locked():
+            self._sync()
+            yield
+
     # --- reading ---------------------------------------------------------------------------------
 
     def rollouts(self, model: str | None = None) -> list[Rollout]:
@@ -397,60 +416,64 @@ class RolloutManager:
 
     def pause(self, model: str, *, who: str, why: str) -> Rollout:
         """Stop judging and stepping; traffic stays as it is."""
-        rollout = self._active(model)
-        if rollout.state == "paused":
-            raise FailedPrecondition(f"model: rollout #{rollout.id} of {model!r} is already paused")
-        self._pause(rollout, who, why)
-        return rollout
+        with self._locked():
+            rollout = self._active(model)
+            if rollout.state == "paused":
+                raise FailedPrecondition(f"model: rollout #{rollout.id} of {model!r} is already paused")
+            self._pause(rollout, who, why)
+            return rollout
 
     def resume(self, model: str, *, who: str, why: str) -> Rollout:
         """Continue a paused rollout at its step, with a fresh window (and the step's route restored)."""
-        rollout = self._active(model)
-        if rollout.state != "paused":
-            raise FailedPrecondition(f"model: rollout #{rollout.id} of {model!r} is {rollout.state}, not paused")
-        rollout.state, rollout.outcome = "running", ""
-        self._set_route(rollout, who, f"rollout #{rollout.id} resumed at {rollout.where}: {why}")
-        self._open_window(rollout)
-        return rollout
+        with self._locked():
+            rollout = self._active(model)
+            if rollout.state != "paused":
+                raise FailedPrecondition(f"model: rollout #{rollout.id} of {model!r} is {rollout.state}, not paused")
+            rollout.state, rollout.outcome = "running", ""
+            self._set_route(rollout, who, f"rollout #{rollout.id} resumed at {rollout.where}: {why}")
+            self._open_window(rollout)
+            return rollout
 
     def abort(self, model: str, *, who: str, why: str) -> Rollout:
         """Restore the baseline route and end the rollout."""
-        rollout = self._active(model)
-        self._end_step(rollout, "aborted")
-        self._routes.change(
-            model,
-            Route.from_dict(rollout.restore),
-            who=who,
-            why=f"rollout #{rollout.id} aborted at {rollout.where}: {why}; traffic back to v{rollout.baseline}",
-            action="rollback",
-        )
-        self._finish(rollout, "aborted", f"aborted by {who} at {rollout.where}: {why}")
-        return rollout
+        with self._locked():
+            rollout = self._active(model)
+            self._end_step(rollout, "aborted")
+            self._routes.change(
+                model,
+                Route.from_dict(rollout.restore),
+                who=who,
+                why=f"rollout #{rollout.id} aborted at {rollout.where}: {why}; traffic back to v{rollout.baseline}",
+                action="rollback",
+            )
+            self._finish(rollout, "aborted", f"aborted by {who} at {rollout.where}: {why}")
+            return rollout
 
     def promote(self, model: str, *, who: str, why: str) -> Rollout:
         """Give the candidate all traffic now, whatever the gates say."""
-        rollout = self._active(model)
-        self._end_step(rollout, "promoted")
-        candidate = rollout.plan.candidate
-        self._routes.promote(
-            model, candidate, who=who, why=f"rollout #{rollout.id} force-promoted at {rollout.where}: {why}"
-        )
-        self._finish(rollout, "completed", f"force-promoted by {who} at {rollout.where}: {why}")
-        return rollout
+        with self._locked():
+            rollout = self._active(model)
+            self._end_step(rollout, "promoted")
+            candidate = rollout.plan.candidate
+            self._routes.promote(
+                model, candidate, who=who, why=f"rollout #{rollout.id} force-promoted at {rollout.where}: {why}"
+            )
+            self._finish(rollout, "completed", f"force-promoted by {who} at {rollout.where}: {why}")
+            return rollout
 
     # --- the loop --------------------------------------------------------------------------------
 
     def tick(self) -> None:
         """Judge every running rollout's window; step, promote or roll back where it is time."""
-        self._sync()
-        for rollout in list(self._rollouts.values()):
-            if rollout.state != "running":
-                continue
-            try:
-                self._drive(rollout)
-            except GatewayError as error:  # e.g. a version became unavailable: stop, let a human look
-                log.warning("rollout #%d: %s; pausing it", rollout.id, error.message)
-                self._pause(rollout, AUTOMATIC, f"cannot continue: {error.message}")
+        with self._locked():
+            for rollout in list(self._rollouts.values()):
+                if rollout.state != "running":
+                    continue
+                try:
+                    self._drive(rollout)
+                except GatewayError as error:  # e.g. a version became unavailable: stop, let a human look
+                    log.warning("rollout #%d: %s; pausing it", rollout.id, error.message)
+                    self._pause(rollout, AUTOMATIC, f"cannot continue: {error.message}")
 
     def _drive(self, rollout: Rollout) -> None:
         window = self._windows.get(rollout.id)
