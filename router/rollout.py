@@ -380,39 +380,40 @@ class RolloutManager:
             if self._outcomes is None:
                 raise FailedPrecondition("gates: outcome gates judge ground truth, which this gateway does not keep")
             self._outcomes.check(plan.model, plan.thresholds)
-        for other in self.rollouts(plan.model):
-            if other.state in ACTIVE:
+        with self._locked():  # so two workers never start two rollouts of a model, nor two with one id
+            for other in self.rollouts(plan.model):
+                if other.state in ACTIVE:
+                    raise FailedPrecondition(
+                        f"model: {plan.model!r} already has rollout #{other.id} ({other.state}); abort it first"
+                    )
+            route = self._routes.effective_route(plan.model)
+            if len(route.split) != 1:
+                shares = " ".join(f"{v}={format_percent(b)}%" for v, b in route.split)
                 raise FailedPrecondition(
-                    f"model: {plan.model!r} already has rollout #{other.id} ({other.state}); abort it first"
+                    f"model: {plan.model!r} splits its traffic ({shares}); a rollout starts from one version taking all"
                 )
-        route = self._routes.effective_route(plan.model)
-        if len(route.split) != 1:
-            shares = " ".join(f"{v}={format_percent(b)}%" for v, b in route.split)
-            raise FailedPrecondition(
-                f"model: {plan.model!r} splits its traffic ({shares}); a rollout starts from one version taking all"
+            baseline = route.split[0][0]
+            if plan.candidate == baseline:
+                raise InvalidArgument(f"candidate: version {baseline!r} already takes all of {plan.model!r}'s traffic")
+            restore = dataclasses.replace(route, shadows=tuple(s for s in route.shadows if s[0] != plan.candidate))
+            now_ns = self._now_ns()
+            rollout = Rollout(
+                id=max(self._rollouts, default=0) + 1,
+                plan=plan,
+                baseline=baseline,
+                started_by=who,
+                reason=why.strip(),
+                created_ns=now_ns,
+                restore=restore.to_dict(),
+                step=-1 if plan.has_shadow_phase else 0,
+                updated_ns=now_ns,
             )
-        baseline = route.split[0][0]
-        if plan.candidate == baseline:
-            raise InvalidArgument(f"candidate: version {baseline!r} already takes all of {plan.model!r}'s traffic")
-        restore = dataclasses.replace(route, shadows=tuple(s for s in route.shadows if s[0] != plan.candidate))
-        now_ns = self._now_ns()
-        rollout = Rollout(
-            id=max(self._rollouts, default=0) + 1,
-            plan=plan,
-            baseline=baseline,
-            started_by=who,
-            reason=why.strip(),
-            created_ns=now_ns,
-            restore=restore.to_dict(),
-            step=-1 if plan.has_shadow_phase else 0,
-            updated_ns=now_ns,
-        )
-        first = f"{rollout.where} with v{plan.candidate}" if plan.has_shadow_phase else self._step_words(rollout)
-        self._set_route(rollout, who, f"rollout #{rollout.id} of v{plan.candidate} started: {why.strip()}; {first}")
-        self._rollouts[rollout.id] = rollout
-        self._open_window(rollout)
-        log.info("rollout #%d: %s v%s → v%s started by %s", rollout.id, plan.model, baseline, plan.candidate, who)
-        return rollout
+            first = f"{rollout.where} with v{plan.candidate}" if plan.has_shadow_phase else self._step_words(rollout)
+            self._set_route(rollout, who, f"rollout #{rollout.id} of v{plan.candidate} started: {why.strip()}; {first}")
+            self._rollouts[rollout.id] = rollout
+            self._open_window(rollout)
+            log.info("rollout #%d: %s v%s → v%s started by %s", rollout.id, plan.model, baseline, plan.candidate, who)
+            return rollout
 
     def pause(self, model: str, *, who: str, why: str) -> Rollout:
         """Stop judging and stepping; traffic stays as it is."""

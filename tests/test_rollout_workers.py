@@ -1,8 +1,9 @@
 """Rollouts shared by worker processes on real LMDB state: an operator's action through another worker
-while slot 0 is inside `tick()` is not written over by slot 0's decision.
+while slot 0 is inside `tick()` is not written over by slot 0's decision, and rollouts started through
+two workers at once get distinct ids.
 
 The other worker is a child process (LMDB opens an environment once per process). It acts from inside
-this process's tick, at the point where that has read the stored state and not yet saved it;
+this process's tick or start, at the point where that has read the stored state and not yet saved it;
 this process waits until the child has finished, or waits for a lock this process holds.
 """
 
@@ -53,10 +54,13 @@ OTHER_WORKER = """
 import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from test_rollout_workers import worker
+from test_rollout_workers import plan, worker
 state, action, model = Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 _, manager = worker(state, [1050.0], [])
-rollout = getattr(manager, action)(model, who="bob", why="looking at a dashboard")
+if action == "start":
+    rollout = manager.start(plan(model), who="bob", why="roll out v2")
+else:
+    rollout = getattr(manager, action)(model, who="bob", why="looking at a dashboard")
 print(json.dumps({"id": rollout.id, "state": rollout.state}))
 """
 
@@ -109,3 +113,17 @@ def test_an_action_through_another_worker_during_a_tick_is_not_written_over(tmp_
     if action == "abort":
         assert routes.route("a").split == (("1", 10000),)  # type: ignore[union-attr]
         manager.start(plan("a"), who="alice", why="again")  # the model has no active rollout left
+
+
+def test_rollouts_started_through_two_workers_at_once_get_distinct_ids(tmp_path: Path) -> None:
+    clock, hook = [1000.0], []
+    routes, manager = worker(tmp_path, clock, hook)
+    for model in ("a", "b"):
+        routes.promote(model, "1", who="alice", why="baseline")
+    done: dict[str, Any] = {}
+    hook.append(other_worker(tmp_path, "start", "b", done))  # while this start has chosen its id, unsaved
+    mine = manager.start(plan("a"), who="alice", why="roll out v2")
+    theirs = answer(done)
+    stored = {r.id: r.plan.model for r in manager.rollouts()}
+    assert mine.id != theirs["id"]
+    assert stored == {mine.id: "a", theirs["id"]: "b"}
