@@ -25,7 +25,9 @@ the figures and gates, so the change log audits it like a human edit; operator a
 resume, abort, force-promote) are logged under the operator's identity. A rollout that changes nothing
 (pause, resume without a route change) is logged as a note (action `rollout`).
 
-State is persisted in its own LMDB environment (`<state_dir>/rollouts/`) at every transition. The
+State is persisted in its own LMDB environment (`<state_dir>/rollouts/`) at every transition. Workers
+share it: every change (a tick, an operator's action, a start) is made under the store's lock on the
+state as stored when the lock was taken, so no process saves over another's change. The
 counters a window is measured with live in the process, so after a restart a running rollout resumes
 at its step with a fresh window (the step's interval starts again). If someone else edits the model's
 route during a rollout, the rollout pauses itself rather than fight the edit.
