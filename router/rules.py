@@ -36,8 +36,12 @@ _PERCENT = re.compile(r"(\d{1,3})(?:\.(\d{1,2}))?")
 
 
 def version_order(version: str) -> tuple[int, str]:
-    """Sort key of version names, as the model repository sorts them: numbers by value, names before numbers."""
-    return (int(version), "") if version.isdigit() else (-1, version)
+    """Sort key of version names, as the model repository sorts them: numbers by value, names before numbers.
+
+    Only ASCII digits make a number: str.isdigit is also true of "²" and "١", which int() refuses or reads as
+    another version's number.
+    """
+    return (int(version), "") if version.isascii() and version.isdigit() else (-1, version)
 
 
 def highest(versions: Iterable[str]) -> str:

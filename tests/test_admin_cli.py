@@ -143,6 +143,21 @@ def test_a_split_not_summing_to_100_is_refused_and_changes_nothing(gw: GatewayPr
     assert unknown.returncode == EXIT_REFUSED and "NOT_FOUND" in unknown.stderr and "'nosuch'" in unknown.stderr
 
 
+def test_a_version_named_with_unicode_digits_is_refused_like_any_version_that_is_not_ready(gw: GatewayProcess) -> None:
+    ok(gw, "routes", "split", "mlp", "1=100", "--reason", "one version, as a rollout starts from")
+    for args, field, name in (
+        (("routes", "split", "mlp", "²=100"), "split", "²"),
+        (("routes", "promote", "mlp", "²"), "split", "²"),
+        (("routes", "shadow", "mlp", "١=5"), "shadows", "١"),
+        (("rollout", "start", "mlp", "--candidate", "²"), "split", "²"),
+    ):
+        result = cli(gw, *args, "--reason", "typo")
+        assert result.returncode == EXIT_REFUSED, result.stderr
+        assert result.stderr.strip() == (
+            f"canary-gateway: FAILED_PRECONDITION: {field}: model 'mlp' version '{name}' is not ready (ready: 1, 2)"
+        )
+
+
 def test_a_viewer_can_show_but_not_split(gw: GatewayProcess) -> None:
     viewer = new_token(gw, "viewer", "dashboard")
     assert "mlp" in ok(gw, "routes", "show", token=viewer)

@@ -183,3 +183,13 @@ def test_promote_gives_all_traffic_to_the_version_and_keeps_the_rest() -> None:
 
 def test_highest_uses_the_repository_order() -> None:
     assert highest(["1", "10", "9", "canary"]) == "10"
+
+
+def test_only_ascii_digits_make_a_version_a_number() -> None:
+    """str.isdigit is true of "²" and "١": read as numbers, "²" crashed int() and "١٠" outranked "1"."""
+    assert Route(split=(("10", 5000), ("²", 5000))).split == (("²", 5000), ("10", 5000))  # names before numbers
+    assert highest(["1", "١٠"]) == "1"
+    with pytest.raises(
+        FailedPrecondition, match=r"^shadows: model 'credit' version '²' is not ready \(ready: 1, 2, 3\)"
+    ):
+        validate("credit", Route(split=parse_split("1=100"), shadows=parse_shadows("²=10")), READY)
