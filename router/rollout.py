@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import fcntl
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -115,8 +116,11 @@ class Plan:
             raise InvalidArgument(f"steps: {shown} must be increasing percentages in (0, 100]")
         if steps[-1] != BUCKETS:
             raise InvalidArgument(f"steps: the last step is {format_percent(steps[-1])}%; it must be 100 (promotion)")
-        if not self.interval_s > 0:
-            raise InvalidArgument(f"interval_s: {self.interval_s!r}; a step must last more than 0 s")
+        # A NaN or infinite duration is never reached: the rollout would stay in that phase for good.
+        if not (math.isfinite(self.interval_s) and self.interval_s > 0):
+            raise InvalidArgument(f"interval_s: {self.interval_s!r}; a step must last a finite time above 0 s")
+        if not math.isfinite(self.shadow_s):
+            raise InvalidArgument(f"shadow_s: {self.shadow_s!r}; the shadow phase must last a finite time")
         if self.shadow_s < 0 or self.shadow_requests < 0:
             raise InvalidArgument("shadow: the shadow phase's duration and request count cannot be negative")
         if self.shadow_s and self.shadow_requests:

@@ -8,6 +8,7 @@ waits long. Every model has version 1 (an FP32 identity of width 64, the baselin
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import threading
@@ -292,6 +293,21 @@ def test_pause_resume_promote_and_abort_do_what_they_say_and_are_logged(gw: Gate
         assert any(who == "alice" and a == action and words in why for who, a, why in logged), (words, logged)
     history = cli(gw, "status", model, "--all")
     assert history.returncode == 0 and "ABORTED" in history.stdout and "COMPLETED" in history.stdout, history.stdout
+
+
+@pytest.mark.parametrize(
+    "fields", [{"shadow_s": math.nan}, {"shadow_s": math.inf}, {"interval_s": math.nan}, {"interval_s": math.inf}]
+)
+def test_a_duration_that_never_ends_is_refused_naming_the_field(gw: GatewayProcess, fields: dict[str, float]) -> None:
+    ops = Admin(gw)
+    model = "operated"
+    before = ops.ListRollouts(admin.ListRolloutsRequest(model=model)).rollouts
+    with pytest.raises(grpc.RpcError) as refused:
+        ops.start(model, **fields)
+    ((name, value),) = fields.items()
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details().startswith(f"{name}: {value!r}; "), refused.value.details()
+    assert ops.ListRollouts(admin.ListRolloutsRequest(model=model)).rollouts == before
 
 
 def test_shadow_phase_first_then_a_route_edit_by_someone_else_pauses_the_rollout(gw: GatewayProcess) -> None:
