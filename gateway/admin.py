@@ -679,11 +679,6 @@ class AdminServicer:
     @refusals_answered(pb.RevokeTokenResponse)
     async def RevokeToken(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._caller(context, "admin", "RevokeToken")
-        admins = [t.name for t in self._tokens.records if t.role == "admin"]
-        if admins == [request.name]:
-            raise FailedPrecondition(
-                f"name: {request.name!r} is the last admin token; create another admin token first"
-            )
         self._tokens.revoke(request.name)
         return pb.RevokeTokenResponse()
 

@@ -30,7 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast, get_args
 
-from gateway.errors import AlreadyExists, ConfigError, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from gateway.errors import (
+    AlreadyExists,
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 
 Role = Literal["viewer", "operator", "admin"]
 ROLES: tuple[Role, ...] = get_args(Role)
@@ -145,11 +153,19 @@ class TokenStore:
         return token
 
     def revoke(self, name: str) -> None:
-        """Remove the token named `name`; requests carrying it are refused from the next `refresh` on."""
+        """Remove the token named `name`; requests carrying it are refused from the next `refresh` on.
+
+        The last admin token cannot be revoked (FailedPrecondition): without one nobody could administer the
+        gateway, and `bootstrap` only creates one when there are no tokens at all. The check reads the records
+        under the file lock, so two admins revoking each other at once, in two workers, cannot both succeed.
+        """
         with self._locked() as records:
             kept = [r for r in records if r.name != name]
             if len(kept) == len(records):
                 raise NotFound(f"name: no token named {name!r}")
+            admins = [r.name for r in records if r.role == "admin"]
+            if admins == [name]:
+                raise FailedPrecondition(f"name: {name!r} is the last admin token; create another admin token first")
             records[:] = kept
 
     def authenticate(self, authorization: str | None) -> Identity:

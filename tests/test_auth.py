@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import stat
+import threading
 from pathlib import Path
 
 import grpc
@@ -18,7 +19,7 @@ from gateway.auth import (
     Unauthenticated,
     require,
 )
-from gateway.errors import ConfigError, InvalidArgument, NotFound
+from gateway.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound
 
 
 def _mode(path: Path) -> int:
@@ -88,6 +89,35 @@ def test_changes_from_two_stores_are_both_kept(tokens: TokenStore) -> None:
     reopened = TokenStore(tokens.path)
     assert reopened.authenticate(f"Bearer {first}").name == "one"
     assert reopened.authenticate(f"Bearer {second}").name == "two"
+
+
+def test_two_admins_revoking_each_other_at_once_leave_one_admin(tokens: TokenStore) -> None:
+    tokens.create("admin", "alice")
+    tokens.create("admin", "bob")
+    tokens.create("operator", "ci")
+    stores = {"alice": TokenStore(tokens.path), "bob": TokenStore(tokens.path)}  # two workers, both see two admins
+    start = threading.Barrier(2)
+    refused: list[FailedPrecondition] = []
+
+    def revoke(caller: str, victim: str) -> None:
+        start.wait()
+        try:
+            stores[caller].revoke(victim)
+        except FailedPrecondition as e:
+            refused.append(e)
+
+    threads = [threading.Thread(target=revoke, args=pair) for pair in (("alice", "bob"), ("bob", "alice"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (survivor,) = [r.name for r in TokenStore(tokens.path).records if r.role == "admin"]
+    (error,) = refused
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.message == f"name: {survivor!r} is the last admin token; create another admin token first"
+    with pytest.raises(FailedPrecondition):
+        stores["alice"].revoke(survivor)  # a store that has not refreshed since is refused too
+    tokens.revoke("ci")  # other roles' tokens may all go
 
 
 def test_creation_errors_name_the_field(tokens: TokenStore) -> None:
