@@ -262,9 +262,12 @@ def _routes_text(doc: Document) -> str:
 
 def _change_text(doc: Document) -> str:
     e = doc["entry"]
+    route = _routes_text({"routes": [doc["route"]]})
+    if not e["seq"]:  # the route was already so: nothing was logged, there is no change number
+        return f"{e['model']}: route already in place; {e['action']} changed nothing and was not logged\n\n{route}"
     return (
         f"{e['model']}: {e['action']} applied (change {e['seq']} by {e['who']}: {e['why']})\n"
-        f"  {_difference(e['before'], e['after'])}\n\n" + _routes_text({"routes": [doc["route"]]})
+        f"  {_difference(e['before'], e['after'])}\n\n{route}"
     )
 
 

@@ -68,7 +68,8 @@ class ChangeEntry:
     """One change-log entry: who changed which model's route, when, why, and the route before and after.
 
     A model action (a version loaded, unloaded or replaced) leaves the route as it was and says what
-    happened in `details` (version, sha256, ...)."""
+    happened in `details` (version, sha256, ...). Seq 0 (logged seqs start at 1): a route change that
+    changed nothing, returned to its caller but not logged."""
 
     seq: int
     time_ns: int
@@ -242,8 +243,9 @@ class RouteStore:
             after = target(txn, current)
             if after == current and not unchanged:
                 # Idempotent, like applying a declarative config twice: nothing is written, so the
-                # table version stays and the next rollback still undoes the last real change.
-                return ChangeEntry(self._version(txn), time.time_ns(), who, why.strip(), action, model, current, after)
+                # table version stays and the next rollback still undoes the last real change. Seq 0, not
+                # the table version: that is the last change's number, someone else's change.
+                return ChangeEntry(0, time.time_ns(), who, why.strip(), action, model, current, after)
             if after is not None and after != current:
                 rules.validate(model, after, ready)
             seq = self._version(txn) + 1

@@ -158,6 +158,18 @@ def test_a_version_named_with_unicode_digits_is_refused_like_any_version_that_is
         )
 
 
+def test_repeating_the_current_route_reports_no_change_and_logs_nothing(gw: GatewayProcess) -> None:
+    alice, bob = new_token(gw, "operator", "alice"), new_token(gw, "operator", "bob")
+    ok(gw, "routes", "split", "mlp", "1=90", "2=10", "--reason", "alice's canary", token=alice)
+    history = as_json(gw, "routes", "history", "mlp")
+    text = ok(gw, "routes", "split", "mlp", "2=10", "1=90", "--reason", "bob, same split", token=bob)
+    assert text.splitlines()[0] == "mlp: route already in place; split changed nothing and was not logged"
+    assert "bob" not in text and "alice" not in text  # bob was told change N by bob: alice's change
+    repeated = as_json(gw, "routes", "split", "mlp", "1=90", "2=10", "--reason", "bob again", token=bob)
+    assert repeated["entry"]["seq"] == 0 and repeated["entry"]["before"] == repeated["entry"]["after"]
+    assert as_json(gw, "routes", "history", "mlp") == history
+
+
 def test_a_viewer_can_show_but_not_split(gw: GatewayProcess) -> None:
     viewer = new_token(gw, "viewer", "dashboard")
     assert "mlp" in ok(gw, "routes", "show", token=viewer)

@@ -201,5 +201,5 @@ def test_a_change_that_changes_nothing_is_not_logged(store: RouteStore) -> None:
     store.apply("credit", _split("1=90 2=10"), who="a", why="canary", action="split", ready=READY)
     before, version = store.history("credit"), store.table_version()
     entry = store.apply("credit", _split("2=10 1=90"), who="a", why="same again", action="split", ready=READY)
-    assert entry.before == entry.after and entry.seq == version
+    assert entry.before == entry.after and entry.seq == 0  # not the last change's seq: that change is not this one
     assert store.history("credit") == before and store.table_version() == version
