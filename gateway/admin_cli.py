@@ -641,8 +641,9 @@ def _weight_arg(text: str) -> Weights:
         raise argparse.ArgumentTypeError(e.message) from None
 
 
-def _count(text: str) -> int:
-    if not text.isdigit():
+def count(text: str) -> int:
+    """An argparse type: a whole number, 0 or more (isdecimal, not isdigit: int() refuses "²")."""
+    if not text.isdecimal():
         raise argparse.ArgumentTypeError(f"{text!r} is not a count (0 or more)")
     return int(text)
 
@@ -714,7 +715,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     history.add_argument("model", nargs="?")
     history.add_argument("--since", type=parse_time, help="10m, 2h, 1d, ISO-8601 or ns")
     history.add_argument("--until", type=parse_time)
-    history.add_argument("--limit", type=_count, default=0, help="only the newest N changes (0: all)")
+    history.add_argument("--limit", type=count, default=0, help="only the newest N changes (0: all)")
     leaf(group, "agreement", _agreement, "how often shadows agree with the primary").add_argument("model", nargs="?")
 
     tokens = commands.add_parser("tokens", help="create, revoke and list API tokens (admin role)")

@@ -39,7 +39,7 @@ def _entry(where: str, row: dict[str, Any]) -> Any:
     if (label is None) == (value is None):
         raise ValueError(f"{where}: set exactly one of label (classifiers) and value (regressors)")
     if label is not None:
-        if isinstance(label, str) and label.lstrip("-").isdigit():  # CSV cells are text
+        if isinstance(label, str) and label.lstrip("-").isdecimal():  # CSV cells are text
             label = int(label)
         if not isinstance(label, int) or isinstance(label, bool):
             raise ValueError(f"{where}: label: {label!r} is not an integer class")
@@ -51,7 +51,7 @@ def _entry(where: str, row: dict[str, Any]) -> Any:
         entry.value = number
     if row.get("observed_ns") not in (None, ""):
         observed = row["observed_ns"]
-        if isinstance(observed, str) and observed.isdigit():
+        if isinstance(observed, str) and observed.isdecimal():
             observed = int(observed)
         if not isinstance(observed, int) or isinstance(observed, bool) or observed < 0:
             raise ValueError(f"{where}: observed_ns: {observed!r} is not a time in ns since the epoch")

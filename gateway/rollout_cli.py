@@ -7,7 +7,7 @@ import argparse
 import re
 from typing import Any
 
-from gateway.admin_cli import Document, Result, call, parent_parsers, run, table
+from gateway.admin_cli import Document, Result, call, count, parent_parsers, run, table
 from gateway.errors import InvalidArgument
 from gateway.protocol import admin as pb
 from router.rules import format_percent, parse_percent
@@ -196,12 +196,6 @@ def _action(method: str) -> Any:
     return command
 
 
-def _count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0 or more)")
-    return int(text)
-
-
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register `rollout` and its subcommands under the `canary-gateway` command."""
     common, change = parent_parsers()
@@ -216,14 +210,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     start.add_argument("--interval", type=parse_duration, default=60.0, help="per step: 60s, 5m... (default 60s)")
     shadow = start.add_mutually_exclusive_group()
     shadow.add_argument("--shadow-for", type=parse_duration, help="shadow the candidate this long before any step")
-    shadow.add_argument("--shadow-requests", type=_count, help="...or for this many shadowed requests")
+    shadow.add_argument("--shadow-requests", type=count, help="...or for this many shadowed requests")
     start.add_argument(
         "--step-shadow",
         type=lambda text: parse_percent("step-shadow", text),
         help="percent of traffic the candidate also shadows during steps (default 100; 0: no agreement gate)",
     )
-    start.add_argument("--max-extensions", type=_count, help="extend a step without enough data this often (2)")
-    start.add_argument("--min-requests", dest="min_requests", type=_count, help="per side before deciding (200)")
+    start.add_argument("--max-extensions", type=count, help="extend a step without enough data this often (2)")
+    start.add_argument("--min-requests", dest="min_requests", type=count, help="per side before deciding (200)")
     start.add_argument("--max-error-rate-delta", type=float, help="absolute, e.g. 0.01 = 1 pp (default 0.01)")
     start.add_argument("--max-p99-ratio", type=float, help="candidate p99 / baseline p99 (default 1.5)")
     start.add_argument("--p99-slack-ms", type=float, help="p99s closer than this pass (default 1)")
@@ -231,7 +225,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     start.add_argument("--min-agreement", type=float, help="shadow vs primary, 0..1 (default 0.95)")
     start.add_argument("--confidence", type=float, help="of the end-of-step tests (default 0.95)")
     outcome = start.add_argument_group("outcome gates", "judged on ground truth sent with `canary-gateway feedback`")
-    outcome.add_argument("--min-labelled", type=_count, help="labelled requests per side before deciding (100)")
+    outcome.add_argument("--min-labelled", type=count, help="labelled requests per side before deciding (100)")
     outcome.add_argument(
         "--accuracy-not-worse-by", type=float, help="classifiers: accuracy the candidate may lose, e.g. 0.02 = 2 pp"
     )

@@ -315,3 +315,18 @@ def test_connection_refused_names_the_address() -> None:
         f"canary-gateway: UNAVAILABLE: cannot reach a gateway at {address}: connection refused "
         "(is it running? see --address)"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "refusal"),
+    [
+        (["routes", "history", "mlp", "--limit", "²"], "'²' is not a count"),
+        (["rollout", "start", "mlp", "--candidate", "2", "--min-requests", "²"], "'²' is not a count"),
+        (["log", "query", "--since", "²"], "not a time: '²'"),
+        (["log", "query", "--status", "²"], "unknown status '²'"),
+    ],
+)
+def test_numbers_in_other_scripts_are_usage_errors_not_tracebacks(argv: list[str], refusal: str) -> None:
+    """str.isdigit is true of "²", which int() refuses: these arguments raised ValueError (exit 1)."""
+    result = subprocess.run([sys.executable, "-m", "gateway", *argv], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and refusal in result.stderr, result.stderr

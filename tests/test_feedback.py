@@ -260,13 +260,16 @@ def test_bad_feedback_gets_precise_errors_and_changes_nothing_else(served: Serve
     assert served.call("GetQuality", apb.GetQualityRequest(model=MODEL)).feedback_records == after
 
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"request_id": "e-2", "label": "yes"}\nnot json\n{"request_id": "e-2", "label": 1, "x": 2}\n')
+    lines = ['{"request_id": "e-2", "label": "yes"}', "not json", '{"request_id": "e-2", "label": 1, "x": 2}']
+    lines.append('{"request_id": "e-2", "label": "²"}')  # isdigit, yet int() refuses it
+    path.write_text("\n".join(lines) + "\n")
     result = served.cli("feedback", str(path), "--model", MODEL, "--json")
     doc = json.loads(result.stdout)
     assert doc["sent"] == doc["stored"] == 0
     assert doc["invalid"][0] == f"{path}:1: label: 'yes' is not an integer class"
     assert doc["invalid"][1].startswith(f"{path}:2: not JSON")
     assert doc["invalid"][2] == f"{path}:3: unknown field 'x' (request_id, label | value, observed_ns, weight)"
+    assert doc["invalid"][3] == f"{path}:4: label: '²' is not an integer class"
     assert served.call("GetQuality", apb.GetQualityRequest(model=MODEL)).feedback_records == after
 
 

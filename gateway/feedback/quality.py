@@ -237,7 +237,7 @@ def quality(
 
 
 def _version_key(version: str) -> tuple[int, str]:
-    return (int(version), "") if version.isdigit() else (1 << 62, version)
+    return (int(version), "") if version.isascii() and version.isdigit() else (1 << 62, version)
 
 
 def _score(report: VersionQuality, rows: _Rows, serving: ModelServingConfig) -> None:

@@ -33,7 +33,7 @@ def parse_time(text: str) -> int:
     match = _RELATIVE.match(text)
     if match:
         return time.time_ns() - int(float(match.group(1)) * _UNIT_S[match.group(2)] * 1e9)
-    if text.isdigit():
+    if text.isdecimal():
         return int(text)
     try:
         moment = datetime.fromisoformat(text)
@@ -45,7 +45,7 @@ def parse_time(text: str) -> int:
 
 
 def _status_code(text: str) -> int:
-    if text.isdigit():
+    if text.isdecimal():
         return int(text)
     try:
         return int(grpc.StatusCode[text.upper()].value[0])

@@ -33,11 +33,16 @@ def segment_start_ns(path: Path) -> int:
     return int(path.name[len(PREFIX) :])
 
 
+def _is_segment_name(name: str) -> bool:
+    start = name[len(PREFIX) :]
+    return name.startswith(PREFIX) and start.isascii() and start.isdigit()  # int() refuses "²"
+
+
 def list_segments(log_dir: Path) -> list[Path]:
     """Segment directories, oldest first."""
     if not log_dir.is_dir():
         return []
-    return sorted(p for p in log_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[4:].isdigit())
+    return sorted(p for p in log_dir.iterdir() if p.is_dir() and _is_segment_name(p.name))
 
 
 def segment_bytes(path: Path) -> int:
