@@ -76,9 +76,10 @@ class ModelLifecycle:
             if found is None:
                 raise NotFound(f"model {name!r} has no version {version!r} loaded")
             self._check_unused(found)
+            # Logged first: the route store refuses it if a route (changed through another worker a moment
+            # ago) sends the version traffic, and then nothing has been withdrawn.
+            entry = self._routes.record(name, "unload", who=who, why=why, details=self._details(version, found.sha256))
             self._repository.withdraw(found)
-            details = self._details(version, found.sha256)
-            entry = self._routes.record(name, "unload", who=who, why=why, details=details)
             await self._retire(found)
             log.info("model %s version %s unloaded by %s: %s", name, version, who, why)
             return found, entry
@@ -94,14 +95,15 @@ class ModelLifecycle:
                     f"model {name!r} has a route (operators send it traffic); unload its versions one by one "
                     "after routing traffic away"
                 )
-            for version in versions:
-                self._repository.withdraw(version)
-            entries = [
-                self._routes.record(name, "unload", who=who, why=why, details=self._details(v.version, v.sha256))
-                for v in versions
-            ]
-            for version in versions:
-                await self._retire(version)
+            entries = []
+            try:
+                for version in versions:  # each logged before it is withdrawn, as in `unload`
+                    details = self._details(version.version, version.sha256)
+                    entries.append(self._routes.record(name, "unload", who=who, why=why, details=details))
+                    self._repository.withdraw(version)
+            finally:
+                for version in versions[: len(entries)]:
+                    await self._retire(version)
             log.info("model %s unloaded (all %d versions) by %s: %s", name, len(versions), who, why)
             return entries
 

@@ -85,7 +85,9 @@ class Gateway:
         slot = None if worker is None else worker.slot
         self.repository = ModelRepository(config)
         self.request_log = LogWriter(config.log_dir, config.log, slot) if config.log.enabled else None
-        self.routes = RouteControl(RouteStore(config.routes_dir), self._routable, config.server.route_poll_ms / 1000)
+        started_ns = worker.gateway_started_ns if worker is not None and worker.gateway_started_ns else time.time_ns()
+        store = RouteStore(config.routes_dir, serving_since_ns=started_ns)
+        self.routes = RouteControl(store, self._routable, config.server.route_poll_ms / 1000)
         self.lifecycle = ModelLifecycle(self.repository, self.routes, "" if worker is None else str(worker.slot))
         self._followed_seq = self.routes.table.version  # model changes up to here are in the repository
         self._followed_ns = 0  # ...and made at or after this time (a bound for reading the change log)

@@ -59,6 +59,11 @@ def _route_data(route: Route | None) -> dict[str, Any] | None:
     return None if route is None else route.to_dict()
 
 
+def _routed(route: Route) -> set[str]:
+    """The versions `route` sends traffic to, as primary or shadow."""
+    return {v for v, bps in (*route.split, *route.shadows) if bps > 0}
+
+
 def _route_of(data: Mapping[str, Any] | None) -> Route | None:
     return None if data is None else Route.from_dict(data)
 
@@ -116,8 +121,11 @@ class RouteStore:
     `map_size` only reserves address space (the file grows as it fills); 1 GiB holds millions of changes.
     """
 
-    def __init__(self, path: str | Path, map_size: int = 1 << 30) -> None:
+    def __init__(self, path: str | Path, map_size: int = 1 << 30, serving_since_ns: int | None = None) -> None:
         self.path = Path(path)
+        # When the gateway using this store started (None: no gateway serves from it). Versions unloaded since
+        # then are gone from every worker; earlier unloads were undone by the start, which loads every version.
+        self._serving_since_ns = serving_since_ns
         self.path.mkdir(parents=True, exist_ok=True)
         self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=4)
         self._meta = self._env.open_db(b"meta")
@@ -195,7 +203,19 @@ class RouteStore:
         """Log a model action (a version loaded, unloaded, replaced) in the change log; the route stays."""
         if action not in MODEL_ACTIONS:
             raise InvalidArgument(f"action: {action!r} is not one of {', '.join(MODEL_ACTIONS)}")
-        return self._write(model, who, why, action, {}, lambda _txn, current: current, details=details, unchanged=True)
+        version = details.get("version", "")
+
+        def unchanged_route(_txn: lmdb.Transaction, current: Route | None) -> Route | None:
+            # Checked on the route as stored, in the transaction that logs the unload: a worker's own view may
+            # be a few milliseconds old, and another worker may have just routed traffic to the version.
+            if action == "unload" and current is not None and version in _routed(current):
+                raise FailedPrecondition(
+                    f"model {model!r} version {version!r} cannot be unloaded: its route, as stored now, sends it "
+                    "traffic; route its traffic elsewhere first"
+                )
+            return current
+
+        return self._write(model, who, why, action, {}, unchanged_route, details=details, unchanged=True)
 
     def note(self, model: str, *, who: str, why: str) -> ChangeEntry:
         """Log a rollout action that leaves the route unchanged (before == after), so the change log holds
@@ -248,6 +268,7 @@ class RouteStore:
                 return ChangeEntry(0, time.time_ns(), who, why.strip(), action, model, current, after)
             if after is not None and after != current:
                 rules.validate(model, after, ready)
+                self._refuse_unloaded(txn, model, after)
             seq = self._version(txn) + 1
             entry = ChangeEntry(seq, time.time_ns(), who, why.strip(), action, model, current, after, details)
             txn.put(_u64(seq), msgpack.packb(entry.to_dict()), db=self._log)
@@ -265,17 +286,38 @@ class RouteStore:
             raise FailedPrecondition(f"model: {model!r} has no ready versions")
         return rules.default_route(rules.highest(available))
 
-    def _previous(self, txn: lmdb.Transaction, model: str) -> Route | None:
+    def _refuse_unloaded(self, txn: lmdb.Transaction, model: str, route: Route) -> None:
+        """FailedPrecondition if `route` sends traffic to a version unloaded while this gateway serves: a
+        worker's `ready` view (the worker board) can be a second old, the change log in this transaction is not."""
+        if self._serving_since_ns is None:
+            return
+        wanted = _routed(route)
+        for entry in self._newest_first(txn, model):
+            if entry.time_ns < self._serving_since_ns or not wanted:
+                return
+            version = (entry.details or {}).get("version")
+            if entry.action in MODEL_ACTIONS and version in wanted:
+                if entry.action == "unload":
+                    raise FailedPrecondition(
+                        f"model {model!r} version {version!r} was unloaded (change {entry.seq} by {entry.who}); "
+                        "load it before routing traffic to it"
+                    )
+                wanted.discard(version)  # loaded (or replaced) since its last unload
+
+    def _newest_first(self, txn: lmdb.Transaction, model: str) -> Iterator[ChangeEntry]:
         prefix = model.encode() + _NUL
         cursor = txn.cursor(db=self._by_model)
         # The model's last entry is the greatest key below prefix + 0xff...: step back from where that would go.
         found = cursor.prev() if cursor.set_range(prefix + b"\xff" * 8) else cursor.last()
         while found and bytes(cursor.key()).startswith(prefix):
             key = bytes(cursor.key())
-            entry = ChangeEntry.from_dict(msgpack.unpackb(txn.get(key[len(prefix) :], db=self._log)))
+            yield ChangeEntry.from_dict(msgpack.unpackb(txn.get(key[len(prefix) :], db=self._log)))
+            found = cursor.prev()
+
+    def _previous(self, txn: lmdb.Transaction, model: str) -> Route | None:
+        for entry in self._newest_first(txn, model):
             if entry.action not in NOTES:  # notes (rollout decisions, model loads) changed no route
                 return entry.before
-            found = cursor.prev()
         raise FailedPrecondition(f"model: {model!r} has no route change to roll back")
 
     def _entries(self, txn: lmdb.Transaction, model: str | None) -> Iterator[ChangeEntry]:

@@ -203,3 +203,43 @@ def test_a_change_that_changes_nothing_is_not_logged(store: RouteStore) -> None:
     entry = store.apply("credit", _split("2=10 1=90"), who="a", why="same again", action="split", ready=READY)
     assert entry.before == entry.after and entry.seq == 0  # not the last change's seq: that change is not this one
     assert store.history("credit") == before and store.table_version() == version
+
+
+def _unload(store: RouteStore, version: str, who: str = "bob") -> object:
+    return store.record("credit", "unload", who=who, why="retire", details={"version": version, "sha256": "0" * 64})
+
+
+def test_a_route_to_a_version_unloaded_while_serving_is_refused_whatever_the_ready_view_says(tmp_path: Path) -> None:
+    """With several workers an edit's `ready` view (the worker board) can be a second old: a split made
+    through one worker right after another unloaded a version used to route traffic to it."""
+    with RouteStore(tmp_path / "routes", serving_since_ns=time.time_ns()) as store:
+        store.apply("credit", _split("1=100"), who="alice", why="start", action="split", ready=READY)
+        _unload(store, "2")
+        with pytest.raises(FailedPrecondition, match=r"version '2' was unloaded \(change 2 by bob\)"):
+            store.apply("credit", _split("1=50 2=50"), who="carol", why="canary", action="split", ready=READY)
+        with pytest.raises(FailedPrecondition, match="'2' was unloaded"):  # as a shadow too
+            store.apply(
+                "credit",
+                Route(split=parse_split("1=100"), shadows=parse_shadows("2=10")),
+                who="c",
+                why="shadow",
+                action="shadow",
+                ready=READY,
+            )
+        assert store.table_version() == 2  # nothing written
+        store.record("credit", "load", who="bob", why="back", details={"version": "2", "sha256": "0" * 64})
+        store.apply("credit", _split("1=50 2=50"), who="carol", why="canary", action="split", ready=READY)
+    with RouteStore(tmp_path / "routes", serving_since_ns=time.time_ns()) as restarted:
+        _unload(restarted, "3")  # ...then the gateway restarts, loading every version again
+    with RouteStore(tmp_path / "routes", serving_since_ns=time.time_ns()) as restarted:
+        restarted.apply("credit", _split("1=50 3=50"), who="carol", why="v3", action="split", ready=READY)
+
+
+def test_an_unload_is_refused_when_the_stored_route_sends_the_version_traffic(store: RouteStore) -> None:
+    """Checked in the transaction that logs the unload: the unloading worker's table may be a few ms old."""
+    store.apply("credit", _split("1=90 2=10"), who="alice", why="canary", action="split", ready=READY)
+    with pytest.raises(FailedPrecondition, match="version '2' cannot be unloaded: its route, as stored now"):
+        _unload(store, "2")
+    assert store.table_version() == 1
+    _unload(store, "3")  # no traffic: fine
+    assert [e.action for e in store.history()] == ["split", "unload"]
