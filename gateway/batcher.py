@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from gateway.errors import DeadlineExceeded, GatewayError, ModelExecutionError
+from gateway.errors import DeadlineExceeded, GatewayError, ModelExecutionError, Unavailable
 from gateway.runtime import OnnxModel
 from gateway.stats import VersionStats
 
@@ -231,9 +231,14 @@ class MicroBatcher:
             if self._executor is None:
                 self._complete(batch, self._execute_batch(batch))
             else:
-                self._busy = True
                 loop = asyncio.get_running_loop()
-                job = loop.run_in_executor(self._executor, self._execute_batch, batch)
+                try:
+                    job = loop.run_in_executor(self._executor, self._execute_batch, batch)
+                except RuntimeError as e:  # closed (version freed, gateway stopping): nothing will run them
+                    closed = Unavailable(f"{self._label or 'the model'} is shut down; not run: {e}")
+                    self._complete(batch, [closed for _ in batch])
+                    continue
+                self._busy = True
                 job.add_done_callback(self._threaded_done(batch))
                 return
 
@@ -247,16 +252,30 @@ class MicroBatcher:
         return done
 
     def _execute_batch(self, batch: list[_Pending]) -> _Results:
+        """Each request's outputs or error; never raises, so no caller of the batch is left waiting."""
+        try:
+            return self._execute_merged(batch)
+        except Exception as e:  # a failure outside the model run must still answer every caller
+            error = ModelExecutionError(f"model execution failed: batch of {len(batch)} requests: {e!r}")
+            return [error for _ in batch]
+
+    def _execute_merged(self, batch: list[_Pending]) -> _Results:
         """Run a batch; on failure rerun each request alone so only the culprit fails."""
         started = time.perf_counter_ns()
         rows = [p.rows for p in batch]
         total = sum(rows)
-        if len(batch) == 1:
-            feeds = batch[0].feeds
+        merged: list[np.ndarray] | GatewayError
+        try:
+            if len(batch) == 1:
+                feeds = batch[0].feeds
+            else:
+                feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
+        except Exception as e:  # feeds that do not stack (other input names, say): each runs alone below
+            merged_at = time.perf_counter_ns()
+            merged = ModelExecutionError(f"model execution failed: the batch's inputs cannot be merged: {e!r}")
         else:
-            feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
-        merged_at = time.perf_counter_ns()
-        merged = self._run(feeds, total)
+            merged_at = time.perf_counter_ns()
+            merged = self._run(feeds, total)
         ran_at = time.perf_counter_ns()
         results: _Results
         if isinstance(merged, GatewayError):

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from models import OPSET, mlp_graph
+from models import OPSET, mlp_graph, slow_identity_graph
 from onnx import helper
 
 from gateway.batcher import PROBE_INTERVAL_S, MicroBatcher
+from gateway.errors import ModelExecutionError, Unavailable
 from gateway.runtime import OnnxModel
 from gateway.stats import VersionStats
 
@@ -93,3 +95,50 @@ def test_threaded_batcher_batches_while_busy(model: OnnxModel) -> None:
     stats = VersionStats()
     _burst(model, MicroBatcher(model, stats, max_batch_size=64, max_batch_wait_us=0, inline=False), 64)
     assert stats.execution_count < 64
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_requests_that_cannot_be_merged_fail_alone_and_none_is_left_waiting(model: OnnxModel, inline: bool) -> None:
+    """A request whose input is named otherwise (a shadow of another signature) shares a batch with good ones:
+    merging fails, each request reruns alone, and only the misnamed ones fail."""
+    stats = VersionStats()
+    batcher = MicroBatcher(model, stats, max_batch_size=64, max_batch_wait_us=50_000, inline=inline)
+    xs = [np.full((1, 32), i, dtype=np.float32) for i in range(8)]
+
+    async def main() -> list[object]:
+        calls = (batcher.run({"input" if i % 2 else "x": x}, 1) for i, x in enumerate(xs))
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        batcher.close()
+    for i, (x, result) in enumerate(zip(xs, results, strict=True)):
+        if i % 2:
+            assert isinstance(result, list), result
+            np.testing.assert_allclose(result[0], _reference(model, x), rtol=1e-5, atol=1e-5)
+        else:
+            assert isinstance(result, ModelExecutionError) and "input" in result.message, result
+    assert max(stats.batch_sizes) == 1  # every request ran alone after its batch failed to merge
+
+
+def test_requests_queued_when_the_batcher_closes_are_refused(tmp_path: Path) -> None:
+    """Closing (an unload that gave up waiting, a gateway stopping) while a run is busy and others queue:
+    the queued ones get UNAVAILABLE, not a wait for ever."""
+    path = tmp_path / "slow.onnx"
+    onnx.save(helper.make_model(slow_identity_graph(), opset_imports=OPSET, ir_version=8), str(path))
+    batcher = MicroBatcher(OnnxModel(path, 1, 1), VersionStats(), 64, 0, inline=False, label="model 's' version '1'")
+    x = np.ones((1, 64), dtype=np.float32)
+
+    async def main() -> list[object]:
+        running = asyncio.ensure_future(batcher.run({"x": x}, 1))
+        await asyncio.sleep(0)  # let it start on the batcher's thread
+        queued = asyncio.ensure_future(batcher.run({"x": x}, 1))
+        await asyncio.sleep(0)
+        await asyncio.to_thread(batcher.close)
+        return await asyncio.wait_for(asyncio.gather(running, queued, return_exceptions=True), 10)
+
+    running, queued = asyncio.run(main())
+    assert isinstance(running, list), running
+    assert isinstance(queued, Unavailable), queued
+    assert "model 's' version '1' is shut down" in queued.message and "after shutdown" in queued.message
