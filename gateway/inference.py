@@ -35,7 +35,7 @@ from gateway.ratelimit import RateLimiter
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.requestlog.record import ROLE_FALLBACK, Record, Tensor
 from gateway.requestlog.writer import LogWriter
-from gateway.runtime import TensorSpec
+from gateway.runtime import check_input, shape_text
 from gateway.shadows import ShadowRunner
 from gateway.stats import Traffic
 from gateway.telemetry import StageMarks, Telemetry
@@ -155,30 +155,6 @@ class RequestIds:
         return f"{self._prefix}{self._next():x}"
 
 
-def _shape_text(shape: tuple[int, ...] | list[int]) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
-
-
-def _check_input(spec: TensorSpec, array: np.ndarray, declared: str, reject_non_finite: bool) -> None:
-    if declared != spec.dtype.v2_name:
-        raise InvalidArgument(
-            f"inputs[{spec.name}].datatype: {declared} does not match the model's {spec.dtype.v2_name}"
-        )
-    if array.ndim != len(spec.shape):
-        raise InvalidArgument(
-            f"inputs[{spec.name}].shape: {_shape_text(array.shape)} has rank {array.ndim}, "
-            f"the model expects rank {len(spec.shape)} {_shape_text(spec.shape)}"
-        )
-    for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
-        if want != -1 and got != want:
-            raise InvalidArgument(
-                f"inputs[{spec.name}].shape: dimension {axis} is {got}, the model expects {want} "
-                f"(shape {_shape_text(spec.shape)})"
-            )
-    if reject_non_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise InvalidArgument(f"inputs[{spec.name}]: contains NaN or Inf, which model policy rejects")
-
-
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
@@ -222,7 +198,7 @@ def _check_sizes(version: ModelVersion, request: InferenceRequest) -> None:
             )
         if serving.max_tensor_elements and array.size > serving.max_tensor_elements:
             raise InvalidArgument(
-                f"inputs[{name}].shape: {_shape_text(array.shape)} has {array.size} elements, more than "
+                f"inputs[{name}].shape: {shape_text(array.shape)} has {array.size} elements, more than "
                 f"max_tensor_elements {serving.max_tensor_elements} of model {version.name!r}",
                 limit="max_tensor_elements",
             )
@@ -289,7 +265,7 @@ class InferenceService:
             raise InvalidArgument(f"inputs: unexpected input {extra[0]!r}; the model expects {names}")
         reject_non_finite = version.serving.reject_non_finite
         for spec in expected:
-            _check_input(spec, request.inputs[spec.name], request.datatypes[spec.name], reject_non_finite)
+            check_input(spec, request.inputs[spec.name], request.datatypes[spec.name], reject_non_finite)
         rows = 1
         if model.batchable:
             batch_sizes = {a.shape[0] for a in request.inputs.values()}
@@ -392,7 +368,7 @@ class InferenceService:
         ]
         await self._commit(record, marks, span, rows)
         if decision.shadows:
-            self._shadows.mirror(record, decision.shadows, feeds, rows, results, span)
+            self._shadows.mirror(record, decision.shadows, feeds, request.datatypes, rows, results, span)
         return InferenceResponse(
             version.name, version.version, request.id, request_id, record.outputs, ood, record.ood_features
         )

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from gateway.datatypes import BY_ONNX_TYPE, DataType
-from gateway.errors import ConfigError, ModelExecutionError
+from gateway.errors import ConfigError, InvalidArgument, ModelExecutionError
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,31 @@ class TensorSpec:
     name: str
     dtype: DataType
     shape: tuple[int, ...]  # -1 for a dynamic dimension, as the protocol reports it
+
+
+def shape_text(shape: tuple[int, ...] | list[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def check_input(spec: TensorSpec, array: np.ndarray, declared: str, reject_non_finite: bool) -> None:
+    """One input against its spec (datatype, rank, fixed dimensions, NaN/Inf): INVALID_ARGUMENT naming it."""
+    if declared != spec.dtype.v2_name:
+        raise InvalidArgument(
+            f"inputs[{spec.name}].datatype: {declared} does not match the model's {spec.dtype.v2_name}"
+        )
+    if array.ndim != len(spec.shape):
+        raise InvalidArgument(
+            f"inputs[{spec.name}].shape: {shape_text(array.shape)} has rank {array.ndim}, "
+            f"the model expects rank {len(spec.shape)} {shape_text(spec.shape)}"
+        )
+    for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
+        if want != -1 and got != want:
+            raise InvalidArgument(
+                f"inputs[{spec.name}].shape: dimension {axis} is {got}, the model expects {want} "
+                f"(shape {shape_text(spec.shape)})"
+            )
+    if reject_non_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidArgument(f"inputs[{spec.name}]: contains NaN or Inf, which model policy rejects")
 
 
 def _spec(arg: ort.NodeArg, path: Path) -> TensorSpec:

@@ -5,7 +5,9 @@ in its own log record and counters, and at most `shadows.max_concurrency` shadow
 once; beyond that (or when the request log is backed up) the shadow is shed and counted, never
 queued without bound. Each shadow's output is compared with the primary's, per (model, primary
 version, shadow version) pair: integer outputs must be equal, float outputs close
-(rtol 1e-3, atol 1e-5); the first output decides (the label, for classifiers).
+(rtol 1e-3, atol 1e-5); the first output decides (the label, for classifiers). A shadow gets the
+request's inputs by its own input names, checked against its own signature: a version loaded with
+another signature fails in its record (FAILED_PRECONDITION), not in its batcher.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 from opentelemetry.trace import Span
 
-from gateway.errors import GatewayError
-from gateway.repository import ModelRepository
+from gateway.errors import FailedPrecondition, GatewayError, InvalidArgument
+from gateway.repository import ModelRepository, ModelVersion
 from gateway.requestlog.record import ROLE_SHADOW, Record, Tensor
 from gateway.requestlog.writer import LogWriter
+from gateway.runtime import check_input
 from gateway.stats import Traffic
 from gateway.telemetry import Telemetry
 
@@ -51,6 +54,23 @@ def outputs_agree(primary: list[np.ndarray], shadow: list[np.ndarray], rtol: flo
     return bool(np.array_equal(a, b))
 
 
+def shadow_feeds(
+    version: ModelVersion, inputs: dict[str, np.ndarray], datatypes: dict[str, str]
+) -> dict[str, np.ndarray]:
+    """The shadow's feeds, by its own input names, checked as a request is: versions loaded at startup or
+    with --force-signature may not take the primary's inputs."""
+    assert version.model is not None
+    differs = f"shadow: model {version.name!r} version {version.version!r} does not take the primary's request"
+    try:
+        for spec in version.model.inputs:
+            if spec.name not in inputs:
+                raise InvalidArgument(f"inputs: missing input {spec.name!r}; the request has {list(inputs)}")
+            check_input(spec, inputs[spec.name], datatypes[spec.name], version.serving.reject_non_finite)
+    except InvalidArgument as e:
+        raise FailedPrecondition(f"{differs}: {e.message}") from e
+    return {spec.name: inputs[spec.name] for spec in version.model.inputs}
+
+
 class ShadowRunner:
     def __init__(
         self,
@@ -74,6 +94,7 @@ class ShadowRunner:
         primary: Record,
         shadows: tuple[str, ...],
         feeds: dict[str, np.ndarray],
+        datatypes: dict[str, str],
         rows: int,
         primary_outputs: list[np.ndarray],
         primary_span: Span | None = None,
@@ -86,7 +107,7 @@ class ShadowRunner:
                 stat.shed += 1
                 continue
             task = asyncio.get_running_loop().create_task(
-                self._run(primary, version, feeds, rows, primary_outputs, stat, primary_span)
+                self._run(primary, version, feeds, datatypes, rows, primary_outputs, stat, primary_span)
             )
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -96,6 +117,7 @@ class ShadowRunner:
         primary: Record,
         version_name: str,
         feeds: dict[str, np.ndarray],
+        datatypes: dict[str, str],
         rows: int,
         primary_outputs: list[np.ndarray],
         stat: Agreement,
@@ -118,9 +140,10 @@ class ShadowRunner:
             version = self._repository.get_ready(primary.model, version_name)
             record.sha256 = version.sha256
             assert version.batcher is not None and version.model is not None
+            own_feeds = shadow_feeds(version, feeds, datatypes)
             version.in_flight += 1  # an unload waits for this call
             try:
-                outputs = await version.batcher.run(feeds, rows)
+                outputs = await version.batcher.run(own_feeds, rows)
             finally:
                 version.in_flight -= 1
             record.outputs = [

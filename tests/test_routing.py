@@ -15,6 +15,8 @@ import grpc
 import numpy as np
 import pytest
 from conftest import GatewayProcess
+from models import identity_graph, save_model
+from onnx import TensorProto, helper
 
 from gateway.protocol import Stub, admin
 from gateway.protocol import inference as pb
@@ -137,6 +139,62 @@ def test_slow_or_failing_shadows_never_touch_the_primary(live: GatewayProcess) -
     ]
     assert linked and all(r.primary_id and r.primary_id.startswith("shadow-") for r in linked)
     ops.SetShadows(admin.SetShadowsRequest(model="shadowed", shadows=[], reason="end of shadow test"))
+
+
+def test_a_shadow_of_another_signature_fails_in_its_record_and_nothing_hangs(tmp_path: Path) -> None:
+    """Versions loaded at startup are not signature-checked: v2 names its input `input`, v3 takes FP64. Their
+    shadows fail (FAILED_PRECONDITION naming the input) while v2's own pinned traffic, batched on the same
+    thread, is answered; every shadow settles and the gateway stops on SIGTERM."""
+    repo = tmp_path / "models"
+    save_model(repo, "m", "1", identity_graph("FP32"))
+    renamed = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["y"])],
+        "renamed",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    save_model(repo, "m", "2", renamed)
+    save_model(repo, "m", "3", identity_graph("FP64"))
+    gateway = GatewayProcess(repo, '[shadows]\nmax_concurrency = 64\n[models.m]\nexecution = "thread"\n', tmp_path)
+    try:
+        gateway.wait_ready()
+        ops = Admin(gateway)
+        _split(ops, "m", "1=10000")
+        ops.SetShadows(admin.SetShadowsRequest(model="m", shadows=_shares("2=10000 3=10000"), reason="test"))
+        x = np.ones((1, 4), dtype=np.float32).tobytes()
+
+        def request(i: int, pinned: bool) -> Any:
+            r = pb.ModelInferRequest(model_name="m", model_version="2" if pinned else "", id=f"sig-{i}-{pinned}")
+            r.inputs.add(name="input" if pinned else "x", datatype="FP32", shape=[1, 4])
+            r.raw_input_contents.append(x)
+            return r
+
+        async def burst() -> list[Any]:
+            async with grpc.aio.insecure_channel(gateway.address) as channel:
+                stub = Stub(channel)
+                calls = [stub.ModelInfer(request(i, pinned), timeout=10) for i in range(40) for pinned in (0, 1)]
+                return await asyncio.gather(*calls, return_exceptions=True)
+
+        responses = asyncio.run(burst())
+        assert all(not isinstance(r, BaseException) for r in responses), responses
+        deadline = time.monotonic() + 20
+        while True:
+            stats = {s.shadow_version: s for s in ops.Agreement(admin.AgreementRequest(model="m")).stats}
+            if all(s.failed + s.shed == 40 for s in stats.values()) and len(stats) == 2:
+                break
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.1)
+        assert stats["2"].failed > 0 and stats["3"].failed > 0 and stats["2"].compared == stats["3"].compared == 0
+        reader = LogReader(gateway.state_dir / "log")
+        shadows = [r for i in range(40) for r in reader.get(f"sig-{i}-0") if r.role == "shadow"]
+        reader.close()
+        expected = {"2": "missing input 'input'", "3": "inputs[x].datatype: FP32 does not match the model's FP64"}
+        assert shadows
+        for record in shadows:
+            assert record.status == grpc.StatusCode.FAILED_PRECONDITION.value[0], record
+            assert expected[record.version] in record.message and "does not take the primary's" in record.message
+    finally:
+        assert gateway.stop() == 0, gateway.log
 
 
 def test_fifty_changes_under_load_fail_nothing_and_never_mix(live: GatewayProcess) -> None:
