@@ -29,6 +29,7 @@ from gateway.errors import (
     GatewayError,
     InvalidArgument,
     ResourceExhausted,
+    Unavailable,
 )
 from gateway.ood.scoring import OodResult
 from gateway.ratelimit import RateLimiter
@@ -413,7 +414,16 @@ class InferenceService:
                 f"furthest features {record.ood_features}"
             )
         if policy == "fallback":
-            version = self.repository.get_ready(version.name, version.serving.ood_fallback_version)
+            fallback = self.repository.versions_of(version.name).get(version.serving.ood_fallback_version)
+            if fallback is None or not fallback.ready:  # e.g. failed to load: name the setting, not model_version
+                state = "not loaded" if fallback is None else fallback.state
+                reason = f": {fallback.reason}" if fallback is not None and fallback.reason else ""
+                raise Unavailable(
+                    f"inputs[{version.ood_input}]: out of distribution for model {version.name!r} version "
+                    f"{version.version!r}, and its fallback version {version.serving.ood_fallback_version!r} "
+                    f"(models.{version.name}.ood_fallback_version) is {state}{reason}"
+                )
+            version = fallback
             record.role, record.version, record.sha256 = ROLE_FALLBACK, version.version, version.sha256
             self._validate(version, request)
         return version, ood

@@ -4,8 +4,9 @@ A load runs entirely off the event loop (onnxruntime session, warm-up, signature
 thread), and only a version that passed everything is published to routing, in one step on the loop.
 An unload first withdraws the version from routing, then waits for the requests that already hold it,
 then frees it. A version that a route sends traffic to (primary or shadow, or the highest version of a
-model without a route) cannot be unloaded. Every load, replace and unload is a change-log entry with
-who, why and the file's sha256, like a route edit. Operations are serialised: one at a time.
+model without a route) cannot be unloaded, nor the model's OOD fallback (`ood_fallback_version`). Every
+load, replace and unload is a change-log entry with who, why and the file's sha256, like a route edit.
+Operations are serialised: one at a time.
 """
 
 from __future__ import annotations
@@ -145,7 +146,10 @@ class ModelLifecycle:
                 log.info("model %s version %s loaded, following change %d", name, version, entry.seq)
 
     def in_use(self, version: ModelVersion) -> str:
-        """Why a route still needs `version` ('' when none does)."""
+        """Why a route (or the OOD policy) still needs `version` ('' when none does)."""
+        serving = version.serving
+        if serving.ood_policy == "fallback" and serving.ood_fallback_version == version.version:
+            return f"models.{version.name}.ood_fallback_version names it: it answers out-of-distribution requests"
         route = self._routes.route(version.name)
         if route is not None:
             if any(v == version.version and bps > 0 for v, bps in route.split):

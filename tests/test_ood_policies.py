@@ -12,10 +12,10 @@ import grpc
 import numpy as np
 import pytest
 from conftest import GatewayProcess
-from models import mlp_graph, save_model
+from models import broken_graph, identity_graph, mlp_graph, save_model
 
 from gateway.ood.profile import PROFILE_FILE, build_profile, save_profile
-from gateway.protocol import Stub
+from gateway.protocol import Stub, admin
 from gateway.protocol import inference as pb
 from gateway.requestlog.reader import LogReader
 from gateway.requestlog.record import ROLE_FALLBACK
@@ -136,6 +136,42 @@ def test_fallback_answers_from_the_named_version(stub: Stub, ood_gateway: Gatewa
     (record,) = LogReader(ood_gateway.state_dir / "log").get("fallback-odd")
     assert record.role == ROLE_FALLBACK and record.version == "1" and record.ood is True
     assert len(record.outputs) == 1
+
+
+def test_the_fallback_version_cannot_be_unloaded(stub: Stub, ood_gateway: GatewayProcess) -> None:
+    token = (ood_gateway.state_dir / "admin.token").read_text().strip()
+    with grpc.insecure_channel(ood_gateway.address) as channel:
+        ops = Stub(channel, admin.AdminService)
+        with pytest.raises(grpc.RpcError) as error:
+            request = admin.UnloadModelRequest(model="fallback", version="1", reason="test")
+            ops.UnloadModel(request, metadata=[("authorization", f"Bearer {token}")], timeout=30)
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "models.fallback.ood_fallback_version names it" in str(error.value.details())
+    assert stub.ModelInfer(_request("fallback", _shifted(), "fallback-kept"), timeout=10).model_version == "1"
+
+
+def test_a_fallback_that_failed_to_load_answers_unavailable_naming_the_setting(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    save_model(repo, "m", "1", broken_graph())  # its warm-up fails: FAILED
+    served = save_model(repo, "m", "2", identity_graph("FP32"))
+    save_profile(build_profile(_training()[:, :4]), served / PROFILE_FILE)
+    config = '[models.m]\nood_policy = "fallback"\nood_fallback_version = "1"\n'
+    gateway = GatewayProcess(repo, config, tmp_path)
+    try:
+        gateway.wait_ready()
+        with grpc.insecure_channel(gateway.address) as channel:
+            stub = Stub(channel)
+            request = pb.ModelInferRequest(model_name="m", id="far")
+            request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+            request.raw_input_contents.append(np.full((1, 4), 50, dtype=np.float32).tobytes())
+            with pytest.raises(grpc.RpcError) as error:
+                stub.ModelInfer(request, timeout=10)
+    finally:
+        assert gateway.stop() == 0, gateway.log
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = str(error.value.details())
+    assert "fallback version '1' (models.m.ood_fallback_version) is FAILED" in details, details
+    assert "model_version" not in details
 
 
 def test_a_version_without_profile_is_served_unscored_and_says_so(stub: Stub) -> None:
