@@ -17,10 +17,13 @@ no LMDB environment; it only
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import os
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
@@ -33,6 +36,7 @@ from gateway.workerboard import WorkerIdentity
 
 log = logging.getLogger(__name__)
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 STARTUP_TIMEOUT_S = 600.0  # loading and warming up every model version
@@ -69,9 +73,22 @@ class _Worker:
     is_ready: bool = False
 
 
-def _run_worker(config: GatewayConfig, identity: WorkerIdentity, use_uvloop: bool, ready: Connection) -> None:
+def _stop_with_supervisor(supervisor_pid: int) -> None:
+    """Have the kernel SIGTERM this worker when the supervisor dies, `kill -9` included: nobody else
+    would stop it, and it (with its feedback ingest child) would serve on and hold the port. SIGTERM,
+    so that it drains as on a forwarded stop. Linux only; elsewhere a worker outlives a killed supervisor."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != supervisor_pid:  # it died before the prctl: no signal will come
+        sys.exit("the supervisor is gone; not starting")
+
+
+def _run_worker(
+    config: GatewayConfig, identity: WorkerIdentity, use_uvloop: bool, ready: Connection, supervisor_pid: int
+) -> None:
     """A worker process: serve `config` until SIGTERM; tell the supervisor through `ready` once serving."""
-    import sys
+    _stop_with_supervisor(supervisor_pid)
 
     from gateway import eventloop
     from gateway.server import serve
@@ -110,7 +127,7 @@ class Supervisor:
         identity = WorkerIdentity(slot, self._count, restarts, self._started_ns)
         process = self._context.Process(
             target=_run_worker,
-            args=(self._config, identity, self._use_uvloop, send),
+            args=(self._config, identity, self._use_uvloop, send, os.getpid()),
             name=f"canary-gateway worker {slot}",
         )
         process.start()

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ import pytest
 from conftest import GatewayProcess
 from models import mlp_graph, save_model
 from test_admin_cli import cli
-from test_routing import Admin, _mlp, _split
+from test_routing import Admin, _admin_token, _mlp, _split
 
 from gateway.ood.profile import PROFILE_FILE, build_profile, save_profile
 from gateway.protocol import Stub, admin
@@ -271,6 +272,66 @@ def test_a_worker_that_dies_while_draining_makes_the_gateway_exit_non_zero(two_v
     os.kill(victim, signal.SIGKILL)  # during its drain: the drain did not complete
     assert gateway.process.wait(60) == 1, gateway.log
     assert "worker 1 exited with code -9 while draining" in gateway.log
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, from /proc/*/stat (this kernel has no /proc/PID/task/*/children)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:  # it exited meanwhile
+            continue
+        if stat and int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+            children.append(int(entry.name))
+    return children
+
+
+def _descendants(pid: int) -> list[int]:
+    found, parents = [], [pid]
+    while parents:
+        children = _children(parents.pop())
+        found += children
+        parents += children
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Not gone, and not a zombie waiting for whoever adopted it to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def test_killing_the_supervisor_stops_every_worker_and_frees_the_port(two_versions: Path, tmp_path: Path) -> None:
+    gateway = GatewayProcess(two_versions, None, tmp_path, workers=2)
+    gateway.wait_ready()
+    metadata = [("authorization", f"Bearer {_admin_token(gateway)}")]
+    for i in range(CONNECTIONS):  # feedback on fresh connections: each worker starts its ingest child
+        with _channel(gateway.address) as channel:
+            Stub(channel).ModelInfer(_mlp(f"orphan-{i}"), timeout=10)
+            entries = [admin.Feedback(request_id=f"orphan-{i}", value=1.0)]
+            request = admin.SubmitFeedbackRequest(model="mlp", entries=entries)
+            Stub(channel, admin.AdminService).SubmitFeedback(request, metadata=metadata, timeout=30)
+    processes = _descendants(gateway.process.pid)  # workers, their ingest children, the resource tracker
+    assert "feedback ingest process" in gateway.log and len(processes) >= 4, (processes, gateway.log)
+    try:
+        os.kill(gateway.process.pid, signal.SIGKILL)
+        gateway.process.wait()
+        deadline = time.monotonic() + 30  # each worker drains (grace 10 s, nothing in flight) and exits
+        while any(map(_running, processes)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in processes if _running(pid)], gateway.log
+        with socket.socket() as probe:  # SO_REUSEADDR passes TIME_WAIT connections, not a listener
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", gateway.port))
+            probe.listen()
+    finally:
+        for pid in processes:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_worker_that_cannot_start_stops_the_gateway_with_its_exit_code(tmp_path: Path) -> None:
