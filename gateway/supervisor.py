@@ -222,13 +222,17 @@ class Supervisor:
         """SIGTERM every worker, wait for each to drain; 0 when all exited cleanly."""
         self._stopping = True
         grace = self._config.server.grace_period_s + 30  # the drain, the log's last fsync, telemetry's flush
-        # The workers that were serving when the stop began: each must drain and exit cleanly.
-        serving = self._draining or [w for w in self._workers.values() if w.process.is_alive()]
-        for worker in serving:
+        # The workers that were serving when the stop began, each of which must drain and exit cleanly,
+        # and any started since: a replacement whose start the stop signal interrupted was not yet in
+        # `_workers` for the signal handler, so it got no SIGTERM, and would serve on (multiprocessing
+        # then joins it at exit: the supervisor would hang).
+        started = [w for w in self._workers.values() if w.process.is_alive() and w not in self._draining]
+        stopping = [*self._draining, *started]
+        for worker in stopping:
             if worker.process.is_alive():
                 worker.process.terminate()
         clean = True
-        for worker in serving:
+        for worker in stopping:
             worker.process.join(grace)
             if worker.process.is_alive():
                 log.error("worker %d did not stop within %.0f s; killing it", worker.slot, grace)

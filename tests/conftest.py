@@ -28,9 +28,17 @@ LISTENING = re.compile(r"listening on [\d.]+:(\d+)( \(\d+ workers\))?")  # the s
 class GatewayProcess:
     """`canary-gateway serve` in a child process; its log is collected for assertions."""
 
-    def __init__(self, repository: Path, config: str | None, tmp: Path, workers: int = 1) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        config: str | None,
+        tmp: Path,
+        workers: int = 1,
+        cli: tuple[str, ...] = ("-m", "gateway"),
+    ) -> None:
+        """`cli`: the Python arguments that run the command line (a script, for a test that patches it)."""
         self.state_dir = tmp / "state"
-        args = [sys.executable, "-m", "gateway", "serve", "--model-repository", str(repository), "--port", "0"]
+        args = [sys.executable, *cli, "serve", "--model-repository", str(repository), "--port", "0"]
         args += ["--state-dir", str(self.state_dir), "--workers", str(workers)]
         self.workers = workers
         if config is not None:

@@ -334,6 +334,42 @@ def test_killing_the_supervisor_stops_every_worker_and_frees_the_port(two_versio
                 os.kill(pid, signal.SIGKILL)
 
 
+# The real CLI, except that the supervisor gets SIGTERM while it is starting a replacement worker: after the
+# process started, before Supervisor._start returned it (a window a fork and exec on a loaded host can widen).
+SIGTERM_IN_START = """
+import os, signal, sys
+from gateway import supervisor
+from gateway.cli import main
+
+start = supervisor.Supervisor._start
+
+def start_then_sigterm(self, slot, restarts):
+    worker = start(self, slot, restarts)
+    if restarts:
+        print(f"TEST: replacement pid {worker.process.pid}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler before the next line
+    return worker
+
+if __name__ == "__main__":  # not in the workers, which spawn runs this file in as __mp_main__
+    supervisor.Supervisor._start = start_then_sigterm
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_a_replacement_worker_starts_stops_it_too(two_versions: Path, tmp_path: Path) -> None:
+    script = tmp_path / "sigterm_in_start.py"
+    script.write_text(SIGTERM_IN_START)
+    gateway = GatewayProcess(two_versions, None, tmp_path, workers=2, cli=(str(script),))
+    try:
+        gateway.wait_ready()
+        os.kill(_status(gateway).workers[1].pid, signal.SIGKILL)  # restarted after 0.5 s, and the stop comes
+        assert gateway.process.wait(30) == 0, gateway.log
+        replacement = int(gateway.log.split("TEST: replacement pid ")[1].split()[0])
+        assert not Path(f"/proc/{replacement}").exists(), gateway.log
+    finally:
+        gateway.stop()
+
+
 def test_a_worker_that_cannot_start_stops_the_gateway_with_its_exit_code(tmp_path: Path) -> None:
     path = save_model(tmp_path / "models", "m", "1", mlp_graph()) / PROFILE_FILE
     path.write_bytes(b"not a profile")
