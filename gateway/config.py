@@ -22,6 +22,13 @@ from gateway.errors import ConfigError
 Execution = Literal["auto", "inline", "thread"]
 OodPolicy = Literal["flag", "reject", "fallback"]
 _SEGMENT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_PORT = 65535
+
+
+def _check_port(key: str, port: int) -> None:
+    """Refuse a port TCP cannot have: gRPC would wrap 70000 to 4464 and -1 to 65535 without a word."""
+    if not 0 <= port <= MAX_PORT:
+        raise ConfigError(f"{key}: a port is 0..{MAX_PORT}, got {port}")
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class ServerConfig:
     defer_transport_threads: bool = True  # gRPC's threads under SCHED_BATCH: no preempting the event loop
 
     def __post_init__(self) -> None:
+        _check_port("server.port", self.port)
         if self.workers < 0:
             raise ConfigError(f"server.workers: must be 0 (one per core) or more, got {self.workers}")
         if self.route_poll_ms <= 0:
@@ -141,6 +149,9 @@ class AuthConfig:
 class AdminConfig:
     port: int = 0  # 0: the admin API shares the inference port
 
+    def __post_init__(self) -> None:
+        _check_port("admin.port", self.port)
+
 
 @dataclass(frozen=True)
 class TlsConfig:
@@ -225,6 +236,7 @@ class TelemetryConfig:
     service_name: str = "canary-gateway"
 
     def __post_init__(self) -> None:
+        _check_port("telemetry.prometheus_port", self.prometheus_port)
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ConfigError(f"telemetry.trace_sample_ratio: {self.trace_sample_ratio} is not in [0, 1]")
 

@@ -64,8 +64,8 @@ def _add_reflection(server: grpc.aio.Server, service_names: list[str]) -> None:
 def _worker_config(config: GatewayConfig, worker: WorkerIdentity | None) -> GatewayConfig:
     """A worker's own view: its Prometheus endpoint on the configured port plus its slot."""
     telemetry_config = config.telemetry
-    if worker is None or not telemetry_config.prometheus_port:
-        return config
+    if worker is None or telemetry_config.metrics != "prometheus" or not telemetry_config.prometheus_port:
+        return config  # (an unused port stays as it is: shifted, it could leave the port range)
     port = telemetry_config.prometheus_port + worker.slot
     return dataclasses.replace(config, telemetry=dataclasses.replace(telemetry_config, prometheus_port=port))
 

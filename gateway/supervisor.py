@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from gateway.config import GatewayConfig
+from gateway.config import MAX_PORT, GatewayConfig
 from gateway.errors import ConfigError
 from gateway.workerboard import WorkerIdentity
 
@@ -112,6 +112,13 @@ class Supervisor:
         self._use_uvloop = use_uvloop
         self._count = count
         self._stopping = False
+        metrics = config.telemetry
+        last_metrics_port = metrics.prometheus_port + count - 1  # worker N's endpoint: prometheus_port + N
+        if metrics.metrics == "prometheus" and metrics.prometheus_port and last_metrics_port > MAX_PORT:
+            raise ConfigError(
+                f"telemetry.prometheus_port: worker {count - 1} would serve metrics on port {last_metrics_port}"
+                f" (prometheus_port + {count - 1}), over {MAX_PORT}"
+            )
         self._reserved = [_reserve(config.server.host, config.server.port, "server.port")]
         port = self._reserved[0].getsockname()[1]
         admin_port = config.admin.port

@@ -44,6 +44,9 @@ def test_model_sections_inherit_defaults(tmp_path: Path) -> None:
         ("[feedback]\ningest_cpus = [100000]\n", "feedback.ingest_cpus: CPU numbers 0.."),
         ("[feedback]\ningest_cpus = []\n", "feedback.ingest_cpus: CPU numbers 0.."),
         ("[server\n", "config file"),
+        ("[server]\nport = 70000\n", "server.port: a port is 0..65535, got 70000"),
+        ("[admin]\nport = -1\n", "admin.port: a port is 0..65535, got -1"),
+        ("[telemetry]\nprometheus_port = 65536\n", "telemetry.prometheus_port: a port is 0..65535, got 65536"),
     ],
 )
 def test_bad_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -69,6 +72,35 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "unknown configuration key server.bogus" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "text", "message"),
+    [
+        (["--port", "70000", "--workers", "1"], None, "server.port: a port is 0..65535, got 70000"),
+        (["--port", "70000", "--workers", "2"], None, "server.port: a port is 0..65535, got 70000"),
+        (["--workers", "1"], "[server]\nport = -1\n", "server.port: a port is 0..65535, got -1"),
+        (["--port", "0", "--workers", "1"], "[admin]\nport = 70000\n", "admin.port: a port is 0..65535, got 70000"),
+        (["--port", "0", "--metrics-port", "70000"], None, "telemetry.prometheus_port: a port is 0..65535, got 70000"),
+        (
+            ["--port", "0", "--metrics-port", "65535", "--workers", "2"],
+            None,
+            "telemetry.prometheus_port: worker 1 would serve metrics on port 65536 (prometheus_port + 1), over 65535",
+        ),
+    ],
+)
+def test_a_port_out_of_range_stops_serve_with_exit_code_2(
+    tmp_path: Path, flags: list[str], text: str | None, message: str
+) -> None:
+    """Not wrapped into the range (70000 listened on 4464, -1 on 65535) nor a traceback (OverflowError)."""
+    (tmp_path / "models").mkdir()
+    args = ["serve", "--model-repository", str(tmp_path / "models"), "--state-dir", str(tmp_path / "state"), *flags]
+    if text is not None:
+        (tmp_path / "g.toml").write_text(text)
+        args += ["--config", str(tmp_path / "g.toml")]
+    result = subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert f"configuration error: {message}" in result.stderr
 
 
 def test_unknown_model_section_is_refused(tmp_path: Path) -> None:
