@@ -370,6 +370,10 @@ def load(path: str | Path | None) -> GatewayConfig:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as e:  # a directory, no permission...
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:  # tomllib decodes the bytes before it parses them
+        raise ConfigError(f"config file {path}: not UTF-8, as TOML must be ({e.reason} at byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path}: {e}") from None
     return from_dict(data)

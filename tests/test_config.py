@@ -103,6 +103,31 @@ def test_a_port_out_of_range_stops_serve_with_exit_code_2(
     assert f"configuration error: {message}" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("", None, "Is a directory"),
+        (
+            "latin1.toml",
+            b'[server]\nhost = "caf\xe9"\n',
+            "not UTF-8, as TOML must be (invalid continuation byte at byte 20)",
+        ),
+    ],
+)
+def test_a_config_path_that_is_a_directory_or_not_utf8_stops_serve_with_exit_code_2(
+    tmp_path: Path, name: str, content: bytes | None, message: str
+) -> None:
+    """Not a traceback (IsADirectoryError, UnicodeDecodeError) with exit code 1."""
+    (tmp_path / "models").mkdir()
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    args = ["serve", "--model-repository", str(tmp_path / "models"), "--config", str(path), "--workers", "1"]
+    result = subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert f"configuration error: config file {path}: {message}" in result.stderr
+
+
 def test_unknown_model_section_is_refused(tmp_path: Path) -> None:
     (tmp_path / "models" / "credit" / "1").mkdir(parents=True)
     path = tmp_path / "g.toml"
