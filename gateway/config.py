@@ -25,6 +25,16 @@ _SEGMENT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_PORT = 65535
 
 
+def address(host: str, port: int) -> str:
+    """HOST:PORT as gRPC parses it (and as logs show it): an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bare_host(host: str) -> str:
+    """An IPv6 address without the brackets of "[::1]": sockets take it so, `address` adds them for gRPC."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def _check_port(key: str, port: int) -> None:
     """Refuse a port TCP cannot have: gRPC would wrap 70000 to 4464 and -1 to 65535 without a word."""
     if not 0 <= port <= MAX_PORT:
@@ -46,6 +56,7 @@ class ServerConfig:
     defer_transport_threads: bool = True  # gRPC's threads under SCHED_BATCH: no preempting the event loop
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "host", bare_host(self.host))
         _check_port("server.port", self.port)
         if self.workers < 0:
             raise ConfigError(f"server.workers: must be 0 (one per core) or more, got {self.workers}")
@@ -236,6 +247,7 @@ class TelemetryConfig:
     service_name: str = "canary-gateway"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "prometheus_host", bare_host(self.prometheus_host))
         _check_port("telemetry.prometheus_port", self.prometheus_port)
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ConfigError(f"telemetry.trace_sample_ratio: {self.trace_sample_ratio} is not in [0, 1]")

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from gateway import protocol, telemetry
 from gateway.admin import AdminServicer
 from gateway.auth import TokenStore
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, address
 from gateway.errors import ConfigError
 from gateway.feedback.ingester import IngestProcess
 from gateway.feedback.outcomes import FeedbackOutcomes
@@ -327,18 +327,18 @@ class Gateway:
                 ("grpc.so_reuseport", int(self.worker is not None)),
             ]
         )
-        address = f"{self.config.server.host}:{port}"
+        requested = address(self.config.server.host, port)
         try:
             if self.tls is not None:
-                bound = server.add_secure_port(address, self.tls.credentials())
+                bound = server.add_secure_port(requested, self.tls.credentials())
             else:
-                bound = server.add_insecure_port(address)
+                bound = server.add_insecure_port(requested)
         except RuntimeError:  # grpc's "Failed to bind": the port is taken (or the address is not ours)
             bound = 0
         if bound == 0:
-            raise ConfigError(f"server.port: cannot listen on {address}: in use, or not an address of this host")
+            raise ConfigError(f"server.port: cannot listen on {requested}: in use, or not an address of this host")
         if self.tls is None and not is_loopback(self.config.server.host):
-            log.warning("plaintext on %s, which is not a loopback address: set [tls] to encrypt", address)
+            log.warning("plaintext on %s, which is not a loopback address: set [tls] to encrypt", requested)
         return server, bound
 
     async def _set_serving(self, serving: bool) -> None:
@@ -488,10 +488,10 @@ class Gateway:
         if self.config.server.defer_transport_threads:
             log.debug("gRPC transport threads under SCHED_BATCH: %d", defer_transport_threads())
         security = "plaintext" if self.tls is None else "mTLS" if self.tls.mutual else "TLS"
-        log.info("listening on %s:%d (%s)", self.config.server.host, self.port, security)
+        log.info("listening on %s (%s)", address(self.config.server.host, self.port), security)
         if self.admin_server is not self.server:
             await self.admin_server.start()
-            log.info("admin API listening on %s:%d (%s)", self.config.server.host, self.admin_port, security)
+            log.info("admin API listening on %s (%s)", address(self.config.server.host, self.admin_port), security)
 
     async def run(self, stop: asyncio.Event, on_ready: Callable[[], None] | None = None) -> None:
         await self._set_serving(False)

@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from gateway.config import MAX_PORT, GatewayConfig
+from gateway.config import MAX_PORT, GatewayConfig, address
 from gateway.errors import ConfigError
 from gateway.workerboard import WorkerIdentity
 
@@ -61,7 +61,7 @@ def _reserve(host: str, port: int, key: str) -> socket.socket:
     try:
         return reserve_port(host, port)
     except OSError as e:
-        raise ConfigError(f"{key}: cannot listen on {host}:{port}: {e.strerror}") from None
+        raise ConfigError(f"{key}: cannot listen on {address(host, port)}: {e.strerror}") from None
 
 
 @dataclass
@@ -154,8 +154,8 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._signal)
         signal.signal(signal.SIGINT, self._signal)
-        host, port = self._config.server.host, self._config.server.port
-        log.info("supervisor: %d workers on %s:%d", self._count, host, port)
+        listen = address(self._config.server.host, self._config.server.port)
+        log.info("supervisor: %d workers on %s", self._count, listen)
         self._workers = {slot: self._start(slot, 0) for slot in range(self._count)}
         failed = self._wait_started()
         if failed is not None:
@@ -163,7 +163,7 @@ class Supervisor:
             return failed
         if self._stopping:
             return self._stop_all()
-        log.info("listening on %s:%d (%d workers)", host, port, self._count)
+        log.info("listening on %s (%d workers)", listen, self._count)
         return self._watch()
 
     def _wait_started(self) -> int | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 
 from gateway.auth import Identity, Role
-from gateway.config import TlsConfig
+from gateway.config import TlsConfig, bare_host
 from gateway.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,8 @@ def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name, "" or "[::]": it may resolve to anything, so assume not
+        return ipaddress.ip_address(bare_host(host)).is_loopback  # "[::1]" too, as URLs write it
+    except ValueError:  # a host name or "": it may resolve to anything, so assume not
         return False
 
 

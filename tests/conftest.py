@@ -22,7 +22,8 @@ from models import build_repository  # noqa: E402
 from gateway.protocol import Stub  # noqa: E402
 from gateway.protocol import inference as pb  # noqa: E402
 
-LISTENING = re.compile(r"listening on [\d.]+:(\d+)( \(\d+ workers\))?")  # the supervisor's line: all serve
+# The supervisor's line says all serve. An IPv6 host is logged in brackets, and then dialled on ::1.
+LISTENING = re.compile(r"listening on ([\d.]+|\[[\da-f:]+\]):(\d+)( \(\d+ workers\))?")
 
 
 class GatewayProcess:
@@ -51,19 +52,21 @@ class GatewayProcess:
         self.log_lines: list[str] = []
         self._port_found = threading.Event()
         self.port = 0
+        self._ipv6 = False
         threading.Thread(target=self._read_log, daemon=True).start()
         if not self._port_found.wait(30):
             self.stop()
             raise RuntimeError("gateway did not start listening:\n" + self.log)
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{'[::1]' if self._ipv6 else '127.0.0.1'}:{self.port}"
 
     def _read_log(self) -> None:
         assert self.process.stderr is not None
         for line in self.process.stderr:
             self.log_lines.append(line)
             match = LISTENING.search(line)
-            if match and not self.port and (self.workers == 1 or match.group(2)):
-                self.port = int(match.group(1))
+            if match and not self.port and (self.workers == 1 or match.group(3)):
+                self._ipv6 = match.group(1).startswith("[")
+                self.port = int(match.group(2))
                 self._port_found.set()
 
     @property

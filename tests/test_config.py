@@ -64,6 +64,14 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     assert (c.server.host, c.server.port, c.repository.path) == ("0.0.0.0", 7000, "b")
 
 
+def test_an_ipv6_host_is_kept_bare_and_given_to_grpc_in_brackets() -> None:
+    for host in ("::1", "[::1]"):
+        c = config.with_overrides(config.load(None), host=host)
+        assert c.server.host == "::1" and config.address(c.server.host, 8001) == "[::1]:8001"
+    assert config.address("127.0.0.1", 8001) == "127.0.0.1:8001"
+    assert config.TelemetryConfig(prometheus_host="[::1]").prometheus_host == "::1"
+
+
 def test_cli_reports_config_errors_with_exit_code_2(tmp_path: Path) -> None:
     path = tmp_path / "g.toml"
     path.write_text("[server]\nbogus = 1\n")

@@ -246,8 +246,9 @@ def test_plaintext_off_loopback_logs_a_warning(small_repository: Path, tmp_path:
 
 @pytest.mark.parametrize(
     ("host", "loopback"),
-    [("127.0.0.1", True), ("127.8.0.1", True), ("::1", True), ("localhost", True)]
-    + [("0.0.0.0", False), ("::", False), ("", False), ("10.1.2.3", False), ("gateway.internal", False)],
+    [("127.0.0.1", True), ("127.8.0.1", True), ("::1", True), ("[::1]", True), ("localhost", True)]
+    + [("0.0.0.0", False), ("::", False), ("[::]", False), ("", False), ("10.1.2.3", False)]
+    + [("gateway.internal", False)],
 )
 def test_which_hosts_are_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback

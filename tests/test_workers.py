@@ -370,6 +370,35 @@ def test_sigterm_while_a_replacement_worker_starts_stops_it_too(two_versions: Pa
         gateway.stop()
 
 
+def _ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine cannot bind the IPv6 loopback address ::1")
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("host", ["::1", "[::1]", "::"])
+def test_an_ipv6_host_serves_with_and_without_the_supervisor(
+    two_versions: Path, tmp_path: Path, host: str, workers: int
+) -> None:
+    gateway = GatewayProcess(two_versions, f'[server]\nhost = "{host}"\n', tmp_path, workers=workers)
+    try:
+        gateway.wait_ready()
+        _infer_on_new_connections(gateway.address, CONNECTIONS, "ipv6")  # dialled on [::1]:PORT
+        assert {r.worker for r in _records(gateway, "ipv6-")} == ({0, 1} if workers == 2 else {None})
+        bare = host.strip("[]")
+        assert f"listening on [{bare}]:{gateway.port}" in gateway.log
+        assert ("which is not a loopback address" in gateway.log) == (bare == "::"), gateway.log
+    finally:
+        assert gateway.stop() == 0, gateway.log
+
+
 def test_a_worker_that_cannot_start_stops_the_gateway_with_its_exit_code(tmp_path: Path) -> None:
     path = save_model(tmp_path / "models", "m", "1", mlp_graph()) / PROFILE_FILE
     path.write_bytes(b"not a profile")
