@@ -402,7 +402,7 @@ class InferenceService:
         ood = version.ood.score(rows)
         record.ood_score, record.ood = ood.max_score, ood.any_flagged
         if version.drift is not None:
-            version.drift.defer(rows, int(np.count_nonzero(ood.flagged)) if ood.any_flagged else 0)
+            version.drift.defer(rows, ood.flagged if ood.any_flagged else None)
         if not ood.any_flagged:
             return version, ood
         record.ood_features = ood.features_text()

@@ -87,7 +87,7 @@ def test_alert_clears_when_normal_traffic_returns(digits: tuple[Profile, np.ndar
     profile, live, _ = digits
     window = 400
     monitor = DriftMonitor(profile, window=window, min_rows=200)
-    monitor.observe(_shifted(profile, live)[:window], flagged_count=0)
+    monitor.observe(_shifted(profile, live)[:window])
     assert monitor.report().changed and monitor.alert
     for start in range(window, 2 * window, 50):  # normal traffic, a request of 50 rows at a time
         monitor.observe(live[start : start + 50])
@@ -134,22 +134,31 @@ def test_ring_buffer_keeps_the_newest_rows_in_order() -> None:
     assert monitor.observed == seen == 20
 
 
+def _mask(n: int, *flagged: int) -> np.ndarray:
+    mask = np.zeros(n, dtype=bool)
+    mask[list(flagged)] = True
+    return mask
+
+
 def test_ood_rate_counts_the_window_flags() -> None:
     profile = build_profile(np.random.default_rng(0).standard_normal((50, 2)))
     monitor = DriftMonitor(profile, window=10, min_rows=1)
     rows = np.zeros((4, 2))
-    monitor.observe(rows, flagged_count=4)
+    monitor.observe(rows, _mask(4, 0, 1, 2, 3))
     assert monitor.peek().ood_rate == pytest.approx(1.0)
-    monitor.observe(rows, flagged_count=1)
-    monitor.observe(rows[:2], flagged_count=0)
+    monitor.observe(rows, _mask(4, 3))
+    monitor.observe(rows[:2])
     assert monitor.peek().ood_rate == pytest.approx(5 / 10)  # 4 + 1 + 0 of the 10 rows in the window
-    monitor.observe(rows, flagged_count=0)  # the first batch (4 flagged) leaves the window
+    monitor.observe(rows)  # the first batch (4 flagged) leaves the window
     assert monitor.peek().ood_rate == pytest.approx(1 / 10)
-    # A batch marks its first rows as the flagged ones: the newest 10 of these 25 include 5 of the 20.
-    monitor.observe(np.zeros((25, 2)), flagged_count=20)
-    assert monitor.peek().ood_rate == pytest.approx(5 / 10)
-    with pytest.raises(ValueError, match=r"flagged_count 5 is not in \[0, 4\]"):
-        monitor.observe(rows, flagged_count=5)
+    # Only the newest 10 of a batch stay: its flags are per row, so the rate is that of those rows. (Flags
+    # used to be a count, marking the batch's first rows: this batch's tail of 10 flagged rows read 0.)
+    monitor.observe(np.zeros((30, 2)), _mask(30, *range(20, 30)))
+    assert monitor.peek().ood_rate == pytest.approx(1.0)
+    monitor.observe(np.zeros((30, 2)), _mask(30, *range(10)))
+    assert monitor.peek().ood_rate == pytest.approx(0.0)
+    with pytest.raises(ValueError, match=r"flagged has shape \(5,\); it must mark each of the 4 rows"):
+        monitor.observe(rows, np.zeros(5, dtype=bool))
     with pytest.raises(ValueError, match="do not have the profile's 2 features"):
         monitor.observe(np.zeros((4, 3)))
 
@@ -161,10 +170,10 @@ def test_deferred_rows_equal_observed_rows() -> None:
     deferred = DriftMonitor(profile, window=6, min_rows=1)
     sequence = np.arange(30, dtype=np.float32).reshape(15, 2)
     seen = 0
-    for size, flagged in ((2, 1), (1, 0), (4, 4), (3, 0), (5, 2)):  # 5 + 3 + 4 >= 6: the last defer flushes
+    for size, flagged in ((2, [1]), (1, []), (4, [0, 1, 2, 3]), (3, []), (5, [2, 4])):  # the last defer flushes
         block = sequence[seen : seen + size]
-        direct.observe(block, flagged)
-        deferred.defer(block, flagged)
+        direct.observe(block, _mask(size, *flagged))
+        deferred.defer(block, _mask(size, *flagged) if flagged else None)
         seen += size
         assert deferred.peek().ood_rate == pytest.approx(direct.peek().ood_rate)
         np.testing.assert_array_equal(deferred.rows(), direct.rows())
@@ -176,10 +185,11 @@ def test_observe_copies_rows_without_allocating(digits: tuple[Profile, np.ndarra
     monitor = DriftMonitor(profile, window=2000)
     batch = live[:256].astype(np.float32)  # 64 KB; a converted copy would be 128 KB
     monitor.observe(batch)
+    flags = _mask(len(batch), 0, 1, 2)
     tracemalloc.start()
     try:
         for _ in range(100):
-            monitor.observe(batch, flagged_count=3)
+            monitor.observe(batch, flags)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -232,8 +242,8 @@ def test_windows_of_several_workers_add_up_to_one_window_of_all_their_rows(
     rows = np.vstack([live[:300], _shifted(profile, live[300:700])])
     rows[5, 3] = np.nan  # a missing value counts in neither bins nor grid, on either side
     one, two, together = (DriftMonitor(profile, window=len(rows), min_rows=100) for _ in range(3))
-    one.observe(rows[:250], flagged_count=3)
-    two.observe(rows[250:], flagged_count=7)
+    one.observe(rows[:250], _mask(250, 0, 1, 2))
+    two.observe(rows[250:], _mask(len(rows) - 250, *range(7)))
     together.observe(rows)
     merged = compare(profile, one.counts().plus(two.counts()), 0.2, 0.2, 100)
     alone = together.peek()

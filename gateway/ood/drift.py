@@ -74,53 +74,51 @@ class DriftMonitor:
         self._next = 0  # ring position the next row goes to
         self._filled = 0
         self._alert = False
-        self._pending: list[tuple[np.ndarray, int]] = []  # deferred (rows, flagged count), oldest first
+        self._pending: list[tuple[np.ndarray, npt.NDArray[np.bool_] | None]] = []  # deferred (rows, flags)
         self._pending_rows = 0
 
     @property
     def alert(self) -> bool:
         return self._alert
 
-    def observe(self, rows: npt.ArrayLike, flagged_count: int = 0) -> None:
-        """Add a request's rows (n x F, any numeric dtype) and how many of them the scorer flagged.
-
-        The ring keeps flags per slot, marking the batch's first `flagged_count` rows: the window's OOD
-        count is exact while the whole batch is in the window.
-        """
+    def observe(self, rows: npt.ArrayLike, flagged: npt.ArrayLike | None = None) -> None:
+        """Add a request's rows (n x F, any numeric dtype) and which of them the scorer flagged (a boolean
+        mask of n; None: none). Flags are kept per row, so the window's OOD rate stays exact when only
+        part of a batch is in the window."""
         array = np.asarray(rows)
         if array.ndim != 2 or array.shape[1] != self.profile.n_features:
             raise ValueError(
                 f"rows of shape {array.shape} do not have the profile's {self.profile.n_features} features"
             )
-        n = len(array)
-        if not 0 <= flagged_count <= n:
-            raise ValueError(f"flagged_count {flagged_count} is not in [0, {n}]")
-        flags = np.zeros(n, dtype=bool)
-        flags[:flagged_count] = True
-        self._write(array, flags)
+        self._write(array, self._flags(len(array), flagged))
 
-    def defer(self, rows: np.ndarray, flagged_count: int) -> None:
+    def defer(self, rows: np.ndarray, flagged: npt.NDArray[np.bool_] | None) -> None:
         """`observe` at the next report instead of now: the request path only keeps a reference.
 
         For the serving core's budget: one ring write per report instead of one per request. `rows`
         must already be n x F (the scorer checked it) and must not change afterwards. At most a window's
         worth of rows wait; beyond that they are written at once.
         """
-        self._pending.append((rows, flagged_count))
+        self._pending.append((rows, flagged))
         self._pending_rows += len(rows)
         if self._pending_rows >= self.window:
             self._flush()
+
+    @staticmethod
+    def _flags(n: int, flagged: npt.ArrayLike | None) -> npt.NDArray[np.bool_]:
+        if flagged is None:
+            return np.zeros(n, dtype=bool)
+        mask = np.asarray(flagged, dtype=bool)
+        if mask.shape != (n,):
+            raise ValueError(f"flagged has shape {mask.shape}; it must mark each of the {n} rows")
+        return mask
 
     def _flush(self) -> None:
         if not self._pending:
             return
         pending, self._pending, self._pending_rows = self._pending, [], 0
         rows = np.concatenate([r for r, _ in pending])
-        flags = np.zeros(len(rows), dtype=bool)
-        offset = 0
-        for block, flagged in pending:
-            flags[offset : offset + flagged] = True
-            offset += len(block)
+        flags = np.concatenate([self._flags(len(block), flagged) for block, flagged in pending])
         self._write(rows, flags)
 
     def _write(self, rows: np.ndarray, flags: npt.NDArray[np.bool_]) -> None:
