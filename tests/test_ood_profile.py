@@ -144,6 +144,39 @@ def test_non_finite_statistics_are_refused(saved: Path) -> None:
         load_profile(saved)
 
 
+def _inverse_of(path: Path) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as npz:
+        return np.array(npz["inverse_covariance"])
+
+
+@pytest.mark.parametrize(
+    ("damage", "refusal"),
+    [
+        ("negated", "inverse_covariance is not positive definite"),  # scored a row 50 std out as 0
+        ("asymmetric", "inverse_covariance is not symmetric"),  # native and reference scores disagreed
+        ("shrinkage", r"shrinkage -7.0 is not in \[0.0001, 1\]"),
+        ("n_rows", "n_rows -5 is not a count of training rows"),
+    ],
+)
+def test_a_profile_that_would_score_nonsense_is_refused(saved: Path, damage: str, refusal: str) -> None:
+    inverse = _inverse_of(saved)
+    if damage == "negated":
+        _rewrite(saved, inverse_covariance=-inverse)
+    elif damage == "asymmetric":
+        inverse[0, 1] += 5
+        _rewrite(saved, inverse_covariance=inverse)
+    else:
+        _rewrite(saved, **{damage: np.array(-7.0 if damage == "shrinkage" else -5)})
+    with pytest.raises(ConfigError, match=f"{saved} is invalid: {refusal}"):
+        load_profile(saved)
+
+
+def test_features_on_scales_far_apart_still_load(tmp_path: Path) -> None:
+    rows = np.random.default_rng(5).standard_normal((400, 3)) * np.array([1e-6, 1.0, 1e6])
+    save_profile(build_profile(rows), tmp_path / "profile.npz")
+    assert load_profile(tmp_path / "profile.npz").n_rows == 400
+
+
 def test_unknown_format_version_is_refused(saved: Path) -> None:
     _rewrite(saved, format_version=np.array(2))
     with pytest.raises(ConfigError, match="format_version 2 is not supported"):

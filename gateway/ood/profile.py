@@ -100,6 +100,20 @@ class Profile:
             raise ValueError(f"threshold_quantile {self.threshold_quantile} is not in (0, 1)")
         if not (np.isfinite(self.threshold) and self.threshold >= 0):
             raise ValueError(f"threshold {self.threshold} is not a finite distance")
+        # A profile whose inverse is not symmetric positive definite scores nonsense without failing: a
+        # negated one scores a row 50 std out as 0 (never flagged), and the native scorer, which reads one
+        # triangle, disagrees with the reference on a non-symmetric one.
+        inverse = self.inverse_covariance
+        if not np.allclose(inverse, inverse.T, rtol=1e-9, atol=1e-12):
+            raise ValueError("inverse_covariance is not symmetric")
+        try:  # on the inverse correlation: features' scales far apart would make the check itself fail
+            np.linalg.cholesky(inverse * np.outer(self.scale, self.scale))
+        except np.linalg.LinAlgError:
+            raise ValueError("inverse_covariance is not positive definite") from None
+        if not MIN_SHRINKAGE <= self.shrinkage <= 1:
+            raise ValueError(f"shrinkage {self.shrinkage} is not in [{MIN_SHRINKAGE}, 1]")
+        if self.n_rows < 1:
+            raise ValueError(f"n_rows {self.n_rows} is not a count of training rows")
 
     @property
     def n_features(self) -> int:
