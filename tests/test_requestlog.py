@@ -601,6 +601,89 @@ def test_export_round_trips_inputs(gateway: GatewayProcess, stub: Stub, tmp_path
         np.testing.assert_array_equal(got, x)
 
 
+def _logged(tmp_path: Path, records: list[Record]) -> Path:
+    """A real log directory holding `records`."""
+    log_dir = tmp_path / "log"
+
+    async def run() -> None:
+        writer = LogWriter(log_dir, LogConfig())
+        await _write(writer, records)
+        await writer.close()
+
+    asyncio.run(run())
+    return log_dir
+
+
+def _export(log_dir: Path, fmt: str, output: Path) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "gateway", "log", "--log-dir", str(log_dir), "export", "--format", fmt]
+    result = subprocess.run([*argv, "--output", str(output)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_parquet_export_has_every_column_the_jsonl_export_has_whichever_chunk_it_first_appears_in(
+    tmp_path: Path,
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = Tensor.of("x", "FP32", np.ones((10_000, 2), np.float32))  # one record fills the first chunk
+    big = np.array([2**63 + 5], np.uint64)  # past int64: a type guessed from the value overflows
+    records = [
+        Record("failed", 1, "m", "1", status=3, inputs=[x]),  # an error: no outputs, no OOD score
+        Record(
+            "ok",
+            2,
+            "m",
+            "1",
+            ood_score=0.5,
+            inputs=[Tensor.of("x", "FP32", np.ones((1, 2), np.float32))],
+            outputs=[Tensor.of("y", "INT64", np.array([7])), Tensor.of("u", "UINT64", big)],
+        ),
+    ]
+    log_dir = _logged(tmp_path, records)
+    _export(log_dir, "jsonl", tmp_path / "out.jsonl")
+    result = _export(log_dir, "parquet", tmp_path / "out.parquet")
+    assert "exported 10001 rows" in result.stderr
+    jsonl_rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.column_names == list(dict.fromkeys(k for row in jsonl_rows for k in row))
+    assert table.schema.field("output.u").type == pa.uint64()
+    assert table.schema.field("ood_score").type == pa.float64()
+    last = table.slice(table.num_rows - 1).to_pylist()[0]
+    assert last == jsonl_rows[-1] == {**last, "output.y": 7, "output.u": 2**63 + 5, "ood_score": 0.5}
+
+
+def test_parquet_export_types_columns_by_the_tensors_datatypes(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    inputs = [
+        Tensor.of("h", "FP16", np.array([1.5], np.float16)),
+        Tensor.of("b", "BOOL", np.array([True])),
+        Tensor.of("i8", "INT8", np.array([-3], np.int8)),
+        Tensor.of("cube", "FP32", np.zeros((1, 2, 2), np.float32)),
+    ]
+    log_dir = _logged(tmp_path, [Record("r", 1, "m", "1", inputs=inputs)])
+    _export(log_dir, "parquet", tmp_path / "out.parquet")
+    schema = pq.read_schema(tmp_path / "out.parquet")
+    assert schema.field("input.h").type == pa.float16()
+    assert schema.field("input.b").type == pa.bool_()
+    assert schema.field("input.i8").type == pa.int8()
+    assert schema.field("input.cube").type == pa.list_(pa.list_(pa.float32()))
+
+
+def test_parquet_export_of_no_records_writes_an_empty_table_with_the_base_columns(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    log_dir = _logged(tmp_path, [])
+    result = _export(log_dir, "parquet", tmp_path / "out.parquet")
+    assert "exported 0 rows" in result.stderr
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.num_rows == 0
+    assert table.column_names[:3] == ["request_id", "ts_ns", "model"] and "row" in table.column_names
+
+
 def test_fsync_mode_shares_one_fsync_among_waiting_answers(tmp_path: Path) -> None:
     writer_holder: list[LogWriter] = []
 
