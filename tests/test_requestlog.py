@@ -684,6 +684,20 @@ def test_parquet_export_of_no_records_writes_an_empty_table_with_the_base_column
     assert table.column_names[:3] == ["request_id", "ts_ns", "model"] and "row" in table.column_names
 
 
+def test_jsonl_export_writes_non_finite_floats_as_null_at_any_depth(tmp_path: Path) -> None:
+    cube = np.array([[[np.nan, 1.0], [np.inf, 3.0]]], np.float32)
+    inputs = [Tensor.of("cube", "FP32", cube), Tensor.of("v", "FP64", np.array([-np.inf]))]
+    log_dir = _logged(tmp_path, [Record("r", 1, "m", "1", inputs=inputs)])
+    _export(log_dir, "jsonl", tmp_path / "out.jsonl")
+
+    def strict(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    [row] = [json.loads(line, parse_constant=strict) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert row["input.cube"] == [[None, 1.0], [None, 3.0]]
+    assert row["input.v"] is None
+
+
 def test_fsync_mode_shares_one_fsync_among_waiting_answers(tmp_path: Path) -> None:
     writer_holder: list[LogWriter] = []
 

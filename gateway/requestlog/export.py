@@ -113,6 +113,8 @@ def progress_printer(total: int, stream: TextIO = sys.stderr) -> Callable[[int],
 def _json_value(value: Any) -> Any:
     if isinstance(value, float) and not np.isfinite(value):
         return None  # JSON has no NaN or Inf
+    if isinstance(value, list):  # a 3-D or larger tensor's row: the NaN can be at any depth
+        return [_json_value(v) for v in value]
     return value
 
 
