@@ -216,20 +216,21 @@ def plot_quality(doc: Document, path: str) -> Path:
     calibration.legend(fontsize=8)
     labels: list[str] = []
     for i, v in enumerate(versions):
+        legend: str | None = f"v{v['version']} {v['role']}"
         for f in v["fairness"]:
-            sized = [g for g in f["groups"] if not g["too_small"]]
-            for j, g in enumerate(sized):
-                r = g["tpr"]
-                x = len(labels)
+            for g in (g for g in f["groups"] if not g["too_small"]):
+                # MessageToDict writes a NaN double as the string "NaN": a group with no true
+                # positives has no TPR, shown as "-" in the table and as an empty, marked tick here.
+                value, low, high = (float(g["tpr"][k]) for k in ("value", "low", "high"))
+                label = f"{f['attribute']}={g['group']}"
+                if math.isnan(value):
+                    labels.append(f"{label} (no TPR)")
+                    continue
                 groups.errorbar(
-                    [x],
-                    [r["value"]],
-                    yerr=[[r["value"] - r["low"]], [r["high"] - r["value"]]],
-                    fmt="o",
-                    color=f"C{i}",
-                    label=f"v{v['version']} {v['role']}" if j == 0 and f is v["fairness"][0] else None,
+                    [len(labels)], [value], yerr=[[value - low], [high - value]], fmt="o", color=f"C{i}", label=legend
                 )
-                labels.append(f"{f['attribute']}={g['group']}")
+                legend = None  # one legend entry per version
+                labels.append(label)
     groups.set_xticks(range(len(labels)), labels, rotation=30, fontsize=7)
     groups.set_ylabel("true-positive rate (95% Wilson)")
     groups.set_title("equal opportunity by group")

@@ -284,3 +284,22 @@ def test_undeclared_segment_attribute_is_refused_and_named(served: Served) -> No
 
     logged = msgpack.unpackb(records[0].msgpack)
     assert logged["status"] == 3 and logged["segments"] is None
+
+
+def test_quality_plot_marks_a_group_without_true_positives_instead_of_crashing(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from google.protobuf.json_format import MessageToDict
+
+    from gateway.feedback_cli import _quality_text, plot_quality
+
+    response = apb.GetQualityResponse(model=MODEL)
+    version = response.versions.add(version="1", role="primary", requests=60, labelled=60)
+    region = version.fairness.add(attribute="region")
+    for name, positives, tpr in (("north", 10, (0.5, 0.3, 0.7)), ("south", 0, (float("nan"),) * 3)):
+        group = region.groups.add(group=name, n=30, positives=positives)
+        group.tpr.value, group.tpr.low, group.tpr.high = tpr
+        group.positive_rate.value = group.fpr.value = 0.2
+    # As `quality` converts the answer: the south group's NaN TPR becomes the string "NaN".
+    doc = MessageToDict(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    assert "south  30  0" in _quality_text(doc)
+    assert plot_quality(doc, str(tmp_path / "q.png")).stat().st_size > 10_000
