@@ -44,7 +44,8 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from gateway.config import TelemetryConfig
+from gateway.config import TelemetryConfig, address
+from gateway.errors import ConfigError
 
 if TYPE_CHECKING:
     from gateway.requestlog.record import Record
@@ -342,7 +343,13 @@ class Telemetry:
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
             from prometheus_client import start_http_server
 
-            self._http_server, _ = start_http_server(config.prometheus_port, addr=config.prometheus_host)
+            try:
+                self._http_server, _ = start_http_server(config.prometheus_port, addr=config.prometheus_host)
+            except OSError as e:  # in use, or not an address of this host: a setting to change, not a crash
+                where = address(config.prometheus_host, config.prometheus_port)
+                raise ConfigError(
+                    f"telemetry.prometheus_port: cannot serve metrics on {where}: {e.strerror or e}"
+                ) from e
             metric_reader = PrometheusMetricReader()
         metric_reader = metric_reader or _metric_reader(config)
         if metric_reader is not None:

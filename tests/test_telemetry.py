@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -240,3 +242,29 @@ def test_latency_histograms_equal_the_sdks_own_histogram() -> None:
         assert list(ours.bucket_counts) == list(theirs.bucket_counts)
         assert ours.count == theirs.count and ours.sum == pytest.approx(theirs.sum)
         assert (ours.min, ours.max) == (theirs.min, theirs.max)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_prometheus_port_in_use_is_a_configuration_error_naming_the_setting(
+    repository: Path, tmp_path: Path, workers: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (tmp_path / "gateway.toml").write_text(f'[telemetry]\nmetrics = "prometheus"\nprometheus_port = {port}\n')
+        argv = [sys.executable, "-m", "gateway", "serve", "--model-repository", str(repository), "--port", "0"]
+        argv += [
+            "--workers",
+            workers,
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--config",
+            str(tmp_path / "gateway.toml"),
+        ]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert (
+        f"telemetry.prometheus_port: cannot serve metrics on 127.0.0.1:{port}: Address already in use" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
