@@ -39,6 +39,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _read_metadata(path: Path) -> dict[str, Any]:
+    """`model.toml`; ConfigError naming it when it is not TOML or not UTF-8 (tomllib raises
+    UnicodeDecodeError for the latter, which escaped every handler and killed the repository watcher)."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in table.items():
@@ -121,8 +131,7 @@ class ModelVersion:
             self.sha256 = _sha256(self.path / MODEL_FILE)
             metadata = self.path / METADATA_FILE
             if metadata.exists():
-                with open(metadata, "rb") as f:
-                    self.provenance = _flatten(tomllib.load(f))
+                self.provenance = _flatten(_read_metadata(metadata))
             model = OnnxModel(self.path / MODEL_FILE, intra_op_threads, inter_op_threads)
             self.warmup_us = model.warm_up(warmup_runs)
             inline = self.serving.execution == "inline" or (
@@ -146,7 +155,7 @@ class ModelVersion:
                 "inline" if inline else "threaded",
                 self.sha256[:12],
             )
-        except (ConfigError, GatewayError, tomllib.TOMLDecodeError, OSError) as e:  # GatewayError: warm-up failed
+        except (ConfigError, GatewayError, OSError) as e:  # GatewayError: warm-up failed
             self.state, self.reason = "FAILED", str(e)
             log.error("model %s version %s failed to load: %s", self.name, self.version, e)
 
@@ -307,10 +316,13 @@ class ModelRepository:
         return versions
 
     def get(self, name: str, version: str) -> ModelVersion:
-        """The named version, or the highest version when `version` is empty."""
+        """The named version; when `version` is empty the highest ready one (the highest of all when none
+        is ready, so an error can say its state): a failed newer directory must not hide the versions
+        that serve, from ModelMetadata and ModelReady as from routing."""
         versions = self.versions_of(name)
         if not version:
-            return list(versions.values())[-1]
+            ready = [v for v in versions.values() if v.ready]
+            return (ready or list(versions.values()))[-1]
         found = versions.get(version)
         if found is None:
             raise NotFound(f"model_version: model {name!r} has no version {version!r}")

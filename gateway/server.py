@@ -384,6 +384,9 @@ class Gateway:
             except OSError as e:
                 log.error("cannot scan the model repository %s: %s", self.repository.root, e)
                 continue
+            except Exception:  # a bug in one scan must not end the watching for the gateway's lifetime
+                log.exception("model repository scan failed; trying again in %.1f s", interval)
+                continue
             if loaded:
                 await self._set_serving(self.repository.ready)
 

@@ -53,7 +53,7 @@ def load_routes_file(path: str | Path) -> dict[str, Route]:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"server.routes_file: {path} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # tomllib: not UTF-8 is UnicodeDecodeError
         raise ConfigError(f"server.routes_file {path}: {e}") from None
     unknown = sorted(set(data) - {"routes"})
     if unknown:

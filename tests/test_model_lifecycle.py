@@ -129,13 +129,14 @@ def test_load_unload_churn_under_load_fails_no_request(live: tuple[GatewayProces
         ("5", lambda path: path.write_bytes(b"not an onnx model"), "did not load"),
         ("6", None, "changes the signature of version '1': inputs were input FP32 [-1, 32], now input FP32 [-1, 16]"),
         ("7", None, "did not load"),
+        ("8", lambda path: (path.parent / "model.toml").write_bytes(b'owner = "\xff"\n'), "model.toml: 'utf-8' codec"),
     ],
 )
 def test_a_bad_version_is_refused_and_serving_is_untouched(
     live: tuple[GatewayProcess, Path, Path], version: str, write: object, expected: str
 ) -> None:
     gateway, repository, tmp = live
-    graphs = {"5": mlp_graph(), "6": mlp_graph(features=16), "7": broken_graph()}
+    graphs = {"5": mlp_graph(), "6": mlp_graph(features=16), "7": broken_graph(), "8": mlp_graph()}
     staged = _stage(tmp, "mlp", version, graphs[version])
     if callable(write):
         write(staged / "model.onnx")
@@ -213,15 +214,22 @@ def test_a_version_directory_appearing_is_loaded_by_the_watcher(tmp_path: Path) 
     gateway = GatewayProcess(repository, "[repository]\nwatch_interval_s = 0.2\n", tmp_path)
     try:
         gateway.wait_ready()
-        _move_in(_stage(tmp_path, "mlp", "2", mlp_graph(seed=2)), repository)
+        # A version whose model.toml is not UTF-8 fails alone; it used to end the watcher, silently.
+        not_utf8 = _stage(tmp_path, "mlp", "2", mlp_graph(seed=2))
+        (not_utf8 / "model.toml").write_bytes(b'owner = "\xff"\n')
+        _move_in(not_utf8, repository)
+        time.sleep(0.5)
+        _move_in(_stage(tmp_path, "mlp", "3", mlp_graph(seed=3)), repository)
         deadline = time.monotonic() + 30
         with grpc.insecure_channel(gateway.address) as channel:
             stub = Stub(channel)
             while time.monotonic() < deadline:
-                if "2" in stub.ModelMetadata(pb.ModelMetadataRequest(name="mlp"), timeout=5).versions:
+                if "3" in stub.ModelMetadata(pb.ModelMetadataRequest(name="mlp"), timeout=5).versions:
                     break
                 time.sleep(0.1)
-            assert _infer(stub).model_version == "2"  # no route: the new highest version serves
+            assert _infer(stub).model_version == "3"  # no route: the new highest version serves
+        listed = {v["version"]: v for v in as_json(gateway, "models", "list")["versions"]}
+        assert listed["2"]["state"] == "FAILED" and "model.toml" in listed["2"]["reason"]
         history = as_json(gateway, "routes", "history", "mlp")["entries"]
         assert history[-1]["who"] == "repository-watch" and history[-1]["action"] == "load"
     finally:

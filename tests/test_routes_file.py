@@ -131,6 +131,14 @@ def test_a_malformed_file_is_a_config_error_naming_the_file_and_the_model(
     assert str(path) in str(caught.value) and message in str(caught.value)
 
 
+def test_a_file_that_is_not_utf8_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    """tomllib raises UnicodeDecodeError there, which used to escape as a traceback (exit 1, not 2)."""
+    path = tmp_path / "routes.toml"
+    path.write_bytes(b'[routes.credit]\nsplit = [["\xff", 10000]]\n')
+    with pytest.raises(ConfigError, match=rf"server\.routes_file {path}: 'utf-8' codec can't decode"):
+        load_routes_file(path)
+
+
 def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_routes_file(tmp_path / "nope.toml")
