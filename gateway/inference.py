@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import re
 import secrets
 import time
 from collections.abc import Iterable, Mapping
@@ -39,7 +38,7 @@ from gateway.requestlog.writer import LogWriter
 from gateway.runtime import check_input, shape_text
 from gateway.shadows import ShadowRunner
 from gateway.stats import Traffic
-from gateway.telemetry import StageMarks, Telemetry
+from gateway.telemetry import TRACEPARENT, StageMarks, Telemetry
 from router.control import RouteControl
 from router.rules import StickyKey
 from router.table import OVERRIDE_HEADER
@@ -156,14 +155,11 @@ class RequestIds:
         return f"{self._prefix}{self._next():x}"
 
 
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
-
-
 def trace_id(traceparent: str | None) -> str | None:
     """The caller's W3C trace id (from `traceparent` metadata), so a logged prediction leads to its trace."""
     if not traceparent:
         return None
-    match = _TRACEPARENT.fullmatch(traceparent.strip())
+    match = TRACEPARENT.fullmatch(traceparent.strip())
     if match is None or match.group(1) == "0" * 32:
         return None
     return match.group(1)

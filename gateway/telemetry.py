@@ -18,6 +18,7 @@ import bisect
 import dataclasses
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -72,11 +73,15 @@ class StageMarks:
     logged: int = 0  # the log record committed
 
 
+# W3C trace context `traceparent`: version, trace id, parent id, flags. Shared with the request log's trace id.
+TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-([0-9a-f]{2})")
+
+
 class RequestTracing:
     """Spans for inference calls: the root started up front, its children built after the fact.
 
-    The sampling decision is taken here, before the SDK is involved: a caller's `traceparent` decides by
-    its sampled flag, other requests are kept with probability `sample_ratio`. An unsampled request
+    The sampling decision is taken here, before the SDK is involved: a caller's valid `traceparent` decides
+    by its sampled flag, other requests are kept with probability `sample_ratio`. An unsampled request
     then costs a dict lookup and a random draw, not an SDK span (~7 µs even when not recording).
     """
 
@@ -87,9 +92,11 @@ class RequestTracing:
     def start(self, headers: Mapping[str, str], start_epoch_ns: int) -> Span | None:
         """The request's root span, or None when the request is not sampled."""
         traceparent = headers.get("traceparent")
-        if traceparent is not None:
-            if not traceparent.strip().endswith(("1", "3", "5", "7", "9", "b", "d", "f")):
-                return None  # the caller did not sample this trace (or sent no valid flags)
+        caller = TRACEPARENT.fullmatch(traceparent.strip()) if traceparent is not None else None
+        if caller is not None:
+            if not int(caller.group(2), 16) & 1:
+                return None  # the caller did not sample this trace
+        # No or an invalid `traceparent`: W3C says to ignore it and start a new trace, so the ratio decides.
         elif self._ratio < 1.0 and random.random() >= self._ratio:
             return None
         parent = _PROPAGATOR.extract(carrier=headers)

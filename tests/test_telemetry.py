@@ -207,6 +207,20 @@ def test_a_trace_the_caller_did_not_sample_is_not_recorded_but_still_logged(
     assert record.trace_id == unsampled
 
 
+def test_an_invalid_traceparent_is_ignored_and_the_request_traced_by_the_ratio(
+    observed_gateway: tuple[GatewayProcess, int], collector: tuple[Collector, int]
+) -> None:
+    gateway, _ = observed_gateway  # trace_sample_ratio is the default 1.0: every request is kept
+    with grpc.insecure_channel(gateway.address) as channel:
+        # "garbage" ends in an even hex digit, which a flags test on the raw header read as "not sampled".
+        Stub(channel).ModelInfer(_mlp("invalid-traceparent"), metadata=[("traceparent", "garbage")], timeout=10)
+    (record,) = LogReader(gateway.state_dir / "log").get("invalid-traceparent")
+    assert record.trace_id is not None
+    spans = collector[0].wait_for(record.trace_id, 4)
+    (root,) = [s for s in spans if s.name == "ModelInfer"]
+    assert not root.parent_span_id
+
+
 def test_latency_histograms_equal_the_sdks_own_histogram() -> None:
     """The gateway keeps latency histograms itself (the SDK's record costs ~17 µs a call); exported,
     they must be what the SDK's Histogram would have produced from the same values."""
