@@ -136,6 +136,7 @@ class ShadowRunner:
             trace_id=primary.trace_id,
             inputs=primary.inputs,
         )
+        version: ModelVersion | None = None
         try:
             version = self._repository.get_ready(primary.model, version_name)
             record.sha256 = version.sha256
@@ -152,8 +153,13 @@ class ShadowRunner:
             ]
             stat.compared += 1
             stat.agreed += outputs_agree(primary_outputs, outputs, version.serving.agreement_rtol)
+            # The batcher counted this call's queue and compute; Triton statistics need its outcome too
+            # (success.count == queue.count, which perf_analyzer checks), as a primary call records it.
+            version.stats.record_request(rows, time.perf_counter_ns() - start, ok=True)
         except GatewayError as error:
             stat.failed += 1
+            if version is not None:
+                version.stats.record_request(rows, time.perf_counter_ns() - start, ok=False)
             record.status, record.message = int(error.code.value[0]), error.message
         record.latency_ns = time.perf_counter_ns() - start
         if self._log is not None:

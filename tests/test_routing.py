@@ -197,6 +197,43 @@ def test_a_shadow_of_another_signature_fails_in_its_record_and_nothing_hangs(tmp
         assert gateway.stop() == 0, gateway.log
 
 
+def test_shadow_calls_count_in_the_shadow_versions_triton_statistics(tmp_path: Path) -> None:
+    """Every shadow call of v2 is a success in its ModelStatistics (success.count == queue.count, as
+    perf_analyzer requires); v3 cannot take the primary's FP32 input, so each of its calls is a failure."""
+    repo = tmp_path / "models"
+    save_model(repo, "m", "1", identity_graph("FP32"))
+    save_model(repo, "m", "2", identity_graph("FP32"))
+    save_model(repo, "m", "3", identity_graph("FP64"))
+    gateway = GatewayProcess(repo, "[shadows]\nmax_concurrency = 64\n", tmp_path)
+    try:
+        gateway.wait_ready()
+        ops = Admin(gateway)
+        _split(ops, "m", "1=10000")
+        ops.SetShadows(admin.SetShadowsRequest(model="m", shadows=_shares("2=10000 3=10000"), reason="test"))
+        with grpc.insecure_channel(gateway.address) as channel:
+            stub = Stub(channel)
+            for i in range(10):
+                request = pb.ModelInferRequest(model_name="m", id=f"stats-{i}")
+                request.inputs.add(name="x", datatype="FP32", shape=[2, 4])
+                request.raw_input_contents.append(np.ones((2, 4), dtype=np.float32).tobytes())
+                stub.ModelInfer(request, timeout=10)
+            deadline = time.monotonic() + 20
+            while True:  # shadows run after the answers: wait for all of them to settle
+                stats = {s.shadow_version: s for s in ops.Agreement(admin.AgreementRequest(model="m")).stats}
+                if len(stats) == 2 and all(s.compared + s.failed + s.shed == 10 for s in stats.values()):
+                    break
+                assert time.monotonic() < deadline, stats
+                time.sleep(0.1)
+            assert stats["2"].compared == 10 and stats["3"].failed == 10
+            by_version = {m.version: m for m in stub.ModelStatistics(pb.ModelStatisticsRequest(name="m")).model_stats}
+        v2, v3 = by_version["2"], by_version["3"]
+        assert v2.inference_stats.success.count == v2.inference_stats.queue.count == 10
+        assert v2.inference_count == 20 and v2.inference_stats.fail.count == 0  # 2 rows a call
+        assert v3.inference_stats.fail.count == 10 and v3.inference_stats.success.count == v3.inference_count == 0
+    finally:
+        assert gateway.stop() == 0, gateway.log
+
+
 def test_fifty_changes_under_load_fail_nothing_and_never_mix(live: GatewayProcess) -> None:
     ops = Admin(live)
     _split(ops, "mlp", "1=10000")
