@@ -19,6 +19,15 @@ def latency_bucket(ns: int) -> int:
     return 16 + (shift - 1) * LATENCY_SUB_BUCKETS + (ns >> shift) - 8
 
 
+def quantile_rank(q: float, n: int) -> int:
+    """The 1-based rank of the q-quantile of n sorted values: ceil(q * n), at least 1.
+
+    Shared by the histogram (Counts, the worker board) and the single-process ring (RecentRequests), so
+    `canary-gateway status` reads the same quantile with one process or several workers.
+    """
+    return max(1, -(-int(q * n * 1_000_000) // 1_000_000))  # ceil(q * n), without float drift
+
+
 def bucket_upper_ns(bucket: int) -> int:
     """The largest latency that falls into `bucket` (quantiles are read as this bound)."""
     if bucket < 16:
@@ -73,7 +82,7 @@ class Counts(NamedTuple):
         total = sum(self.latency)
         if not total:
             return 0.0
-        rank = max(1, -(-int(q * total * 1_000_000) // 1_000_000))  # ceil(q * total), without float drift
+        rank = quantile_rank(q, total)
         seen = 0
         for bucket, count in enumerate(self.latency):
             seen += count
@@ -193,7 +202,9 @@ class RecentRequests:
         chosen = [i for i in range(kept) if self._ended_ns[i] > since]
         if not chosen:
             return TrafficSummary(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0)
-        latencies = sorted(self._latency_ns[i] for i in chosen)
+        # Answered requests only, as in the histogram behind Counts.summary (what a rollout judges):
+        # a failure's latency (often a fast refusal) is in the error rate, not the quantiles.
+        latencies = sorted(self._latency_ns[i] for i in chosen if self._ok[i])
         scored = [self._ood[i] for i in chosen if self._ood[i] is not None]
         # The rate is over the window, or over less when traffic started later or the ring wrapped within it.
         start = self._first_ns if kept < self._size else min(self._ended_ns[i] for i in chosen)
@@ -203,8 +214,8 @@ class RecentRequests:
             requests=n,
             rate_per_s=n / span_s,
             error_rate=sum(not self._ok[i] for i in chosen) / n,
-            p50_ms=latencies[(n - 1) // 2] / 1e6,
-            p99_ms=latencies[min(n - 1, int(0.99 * n))] / 1e6,
+            p50_ms=latencies[quantile_rank(0.5, len(latencies)) - 1] / 1e6 if latencies else 0.0,
+            p99_ms=latencies[quantile_rank(0.99, len(latencies)) - 1] / 1e6 if latencies else 0.0,
             ood_rate=sum(bool(flag) for flag in scored) / len(scored) if scored else 0.0,
             scored=len(scored),
         )

@@ -19,6 +19,7 @@ from test_admin_cli import as_json, ok
 from gateway.ood.profile import PROFILE_FILE, build_profile, save_profile
 from gateway.protocol import Stub
 from gateway.protocol import inference as pb
+from gateway.stats import RecentRequests, bucket_upper_ns, latency_bucket
 
 FEATURES = 32
 CONFIG = """
@@ -116,3 +117,26 @@ def test_status_reports_traffic_per_version_and_role(gateway: GatewayProcess) ->
     assert v2["scored"] == v2["requests"] and v2["ood_rate"] >= 5 / v2["requests"]
     table = ok(gateway, "status")
     assert "scored: split highest version" in table and "REQ/S" in table
+
+
+def test_status_latency_quantiles_are_of_answered_requests_in_one_process_as_with_workers() -> None:
+    """Fast refusals do not pull the one-process P50 down: it reads the answered requests, as the
+    histogram behind the worker board and a rollout's gates does, with the same rank, ceil(q * n)."""
+    recent = RecentRequests()
+    now = time.time_ns()
+    for ms in (1, 2, 3):
+        recent.add(now, ms * 1_000_000, True, None)
+    for _ in range(10):
+        recent.add(now, 10_000, False, None)  # 0.01 ms refusals
+    one_process = recent.summary(now, 60.0)
+    assert one_process.requests == 13 and one_process.error_rate == 10 / 13
+    assert (one_process.p50_ms, one_process.p99_ms) == (2.0, 3.0)
+    workers = recent.counts().summary(60.0)  # the same figures, read as histogram bucket upper bounds
+    assert workers.p50_ms == bucket_upper_ns(latency_bucket(2_000_000)) / 1e6
+    assert workers.p99_ms == bucket_upper_ns(latency_bucket(3_000_000)) / 1e6
+
+    refused = RecentRequests()
+    refused.add(now, 10_000, False, None)
+    only_failures = refused.summary(now, 60.0)
+    assert only_failures.requests == 1 and only_failures.p50_ms == only_failures.p99_ms == 0.0
+    assert refused.counts().summary(60.0)[3:5] == (0.0, 0.0)
