@@ -7,7 +7,8 @@ import asyncio
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -141,26 +142,47 @@ def test_slow_or_failing_shadows_never_touch_the_primary(live: GatewayProcess) -
     ops.SetShadows(admin.SetShadowsRequest(model="shadowed", shadows=[], reason="end of shadow test"))
 
 
+@contextmanager
+def _shadowed_by_2_and_3(tmp_path: Path, v2: Any, config: str) -> Iterator[tuple[GatewayProcess, Admin]]:
+    """Model m: v1 (FP32 identity) takes all traffic, v2 (`v2`) and v3 (FP64 identity) shadow all of it."""
+    repo = tmp_path / "models"
+    save_model(repo, "m", "1", identity_graph("FP32"))
+    save_model(repo, "m", "2", v2)
+    save_model(repo, "m", "3", identity_graph("FP64"))
+    gateway = GatewayProcess(repo, config, tmp_path)
+    try:
+        gateway.wait_ready()
+        ops = Admin(gateway)
+        _split(ops, "m", "1=10000")
+        ops.SetShadows(admin.SetShadowsRequest(model="m", shadows=_shares("2=10000 3=10000"), reason="test"))
+        yield gateway, ops
+    finally:
+        assert gateway.stop() == 0, gateway.log
+
+
+def _settled_shadows(ops: Admin, settled: Callable[[Any], bool]) -> dict[str, Any]:
+    """Agreement stats by shadow version once both shadows' calls all settled (they run after the answers)."""
+    deadline = time.monotonic() + 20
+    while True:
+        stats = {s.shadow_version: s for s in ops.Agreement(admin.AgreementRequest(model="m")).stats}
+        if len(stats) == 2 and all(settled(s) for s in stats.values()):
+            return stats
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.1)
+
+
 def test_a_shadow_of_another_signature_fails_in_its_record_and_nothing_hangs(tmp_path: Path) -> None:
     """Versions loaded at startup are not signature-checked: v2 names its input `input`, v3 takes FP64. Their
     shadows fail (FAILED_PRECONDITION naming the input) while v2's own pinned traffic, batched on the same
     thread, is answered; every shadow settles and the gateway stops on SIGTERM."""
-    repo = tmp_path / "models"
-    save_model(repo, "m", "1", identity_graph("FP32"))
     renamed = helper.make_graph(
         [helper.make_node("Identity", ["input"], ["y"])],
         "renamed",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
     )
-    save_model(repo, "m", "2", renamed)
-    save_model(repo, "m", "3", identity_graph("FP64"))
-    gateway = GatewayProcess(repo, '[shadows]\nmax_concurrency = 64\n[models.m]\nexecution = "thread"\n', tmp_path)
-    try:
-        gateway.wait_ready()
-        ops = Admin(gateway)
-        _split(ops, "m", "1=10000")
-        ops.SetShadows(admin.SetShadowsRequest(model="m", shadows=_shares("2=10000 3=10000"), reason="test"))
+    config = '[shadows]\nmax_concurrency = 64\n[models.m]\nexecution = "thread"\n'
+    with _shadowed_by_2_and_3(tmp_path, renamed, config) as (gateway, ops):
         x = np.ones((1, 4), dtype=np.float32).tobytes()
 
         def request(i: int, pinned: bool) -> Any:
@@ -177,13 +199,7 @@ def test_a_shadow_of_another_signature_fails_in_its_record_and_nothing_hangs(tmp
 
         responses = asyncio.run(burst())
         assert all(not isinstance(r, BaseException) for r in responses), responses
-        deadline = time.monotonic() + 20
-        while True:
-            stats = {s.shadow_version: s for s in ops.Agreement(admin.AgreementRequest(model="m")).stats}
-            if all(s.failed + s.shed == 40 for s in stats.values()) and len(stats) == 2:
-                break
-            assert time.monotonic() < deadline, stats
-            time.sleep(0.1)
+        stats = _settled_shadows(ops, lambda s: s.failed + s.shed == 40)
         assert stats["2"].failed > 0 and stats["3"].failed > 0 and stats["2"].compared == stats["3"].compared == 0
         reader = LogReader(gateway.state_dir / "log")
         shadows = [r for i in range(40) for r in reader.get(f"sig-{i}-0") if r.role == "shadow"]
@@ -193,23 +209,12 @@ def test_a_shadow_of_another_signature_fails_in_its_record_and_nothing_hangs(tmp
         for record in shadows:
             assert record.status == grpc.StatusCode.FAILED_PRECONDITION.value[0], record
             assert expected[record.version] in record.message and "does not take the primary's" in record.message
-    finally:
-        assert gateway.stop() == 0, gateway.log
 
 
 def test_shadow_calls_count_in_the_shadow_versions_triton_statistics(tmp_path: Path) -> None:
     """Every shadow call of v2 is a success in its ModelStatistics (success.count == queue.count, as
     perf_analyzer requires); v3 cannot take the primary's FP32 input, so each of its calls is a failure."""
-    repo = tmp_path / "models"
-    save_model(repo, "m", "1", identity_graph("FP32"))
-    save_model(repo, "m", "2", identity_graph("FP32"))
-    save_model(repo, "m", "3", identity_graph("FP64"))
-    gateway = GatewayProcess(repo, "[shadows]\nmax_concurrency = 64\n", tmp_path)
-    try:
-        gateway.wait_ready()
-        ops = Admin(gateway)
-        _split(ops, "m", "1=10000")
-        ops.SetShadows(admin.SetShadowsRequest(model="m", shadows=_shares("2=10000 3=10000"), reason="test"))
+    with _shadowed_by_2_and_3(tmp_path, identity_graph("FP32"), "[shadows]\nmax_concurrency = 64\n") as (gateway, ops):
         with grpc.insecure_channel(gateway.address) as channel:
             stub = Stub(channel)
             for i in range(10):
@@ -217,21 +222,13 @@ def test_shadow_calls_count_in_the_shadow_versions_triton_statistics(tmp_path: P
                 request.inputs.add(name="x", datatype="FP32", shape=[2, 4])
                 request.raw_input_contents.append(np.ones((2, 4), dtype=np.float32).tobytes())
                 stub.ModelInfer(request, timeout=10)
-            deadline = time.monotonic() + 20
-            while True:  # shadows run after the answers: wait for all of them to settle
-                stats = {s.shadow_version: s for s in ops.Agreement(admin.AgreementRequest(model="m")).stats}
-                if len(stats) == 2 and all(s.compared + s.failed + s.shed == 10 for s in stats.values()):
-                    break
-                assert time.monotonic() < deadline, stats
-                time.sleep(0.1)
+            stats = _settled_shadows(ops, lambda s: s.compared + s.failed + s.shed == 10)
             assert stats["2"].compared == 10 and stats["3"].failed == 10
             by_version = {m.version: m for m in stub.ModelStatistics(pb.ModelStatisticsRequest(name="m")).model_stats}
         v2, v3 = by_version["2"], by_version["3"]
         assert v2.inference_stats.success.count == v2.inference_stats.queue.count == 10
         assert v2.inference_count == 20 and v2.inference_stats.fail.count == 0  # 2 rows a call
         assert v3.inference_stats.fail.count == 10 and v3.inference_stats.success.count == v3.inference_count == 0
-    finally:
-        assert gateway.stop() == 0, gateway.log
 
 
 def test_fifty_changes_under_load_fail_nothing_and_never_mix(live: GatewayProcess) -> None:
