@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast, get_args
+from typing import Any, Literal, cast, get_args
 
 from gateway.errors import (
     AlreadyExists,
@@ -115,6 +115,22 @@ def _write_private(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)  # the rename itself survives a crash
     finally:
         os.close(dir_fd)
+
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def _record_of(entry: dict[str, Any]) -> TokenRecord:
+    """One hand-editable entry of the tokens file, checked as `create` would have made it: a bad digest
+    used to fail every admin call with UNKNOWN, and a name like `cert:alice` could pass for a certificate."""
+    name, role, digest, created_ns = entry["name"], check_role(entry["role"]), entry["sha256"], entry["created_ns"]
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"name {name!r} is not a token name ({_NAME.pattern})")
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise ValueError(f"token {name!r}: sha256 is not 64 lowercase hex digits")
+    if not isinstance(created_ns, int) or isinstance(created_ns, bool):
+        raise ValueError(f"token {name!r}: created_ns {created_ns!r} is not a time in ns")
+    return TokenRecord(name, role, digest, created_ns)
 
 
 class TokenStore:
@@ -226,11 +242,14 @@ class TokenStore:
         if not isinstance(data, dict) or data.get("format") != _FORMAT or not isinstance(data.get("tokens"), list):
             raise ConfigError(f"{self.path}: not a tokens file of format {_FORMAT}")
         try:
-            return tuple(
-                TokenRecord(t["name"], check_role(t["role"]), t["sha256"], t["created_ns"]) for t in data["tokens"]
-            )
-        except (KeyError, TypeError, InvalidArgument) as e:
+            records = tuple(_record_of(t) for t in data["tokens"])
+        except (KeyError, TypeError, ValueError, InvalidArgument) as e:
             raise ConfigError(f"{self.path}: malformed token entry: {e}") from e
+        names = [r.name for r in records]
+        if len(set(names)) < len(names):  # the last-admin check counts admins by name
+            repeated = next(n for n in names if names.count(n) > 1)
+            raise ConfigError(f"{self.path}: malformed token entry: name {repeated!r} appears twice")
+        return records
 
     @contextmanager
     def _locked(self) -> Iterator[list[TokenRecord]]:

@@ -159,6 +159,29 @@ def test_bootstrap_creates_one_private_admin_token_on_first_start(tmp_path: Path
     assert len(tokens.records) == 1
 
 
+_DIGEST = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("entries", "refusal"),
+    [
+        ([{"name": "ops", "role": "admin", "sha256": "zz" + "ab" * 31, "created_ns": 0}], "'ops': sha256 is not 64"),
+        ([{"name": "cert:alice", "role": "admin", "sha256": _DIGEST, "created_ns": 0}], "'cert:alice' is not a token"),
+        ([{"name": "ops", "role": "admin", "sha256": _DIGEST, "created_ns": "yesterday"}], "created_ns 'yesterday'"),
+        ([{"name": "ops", "role": "admin", "sha256": _DIGEST, "created_ns": 0}] * 2, "name 'ops' appears twice"),
+    ],
+)
+def test_a_hand_edited_entry_is_checked_as_create_would_have_made_it(
+    tmp_path: Path, entries: list[dict[str, object]], refusal: str
+) -> None:
+    """A bad digest used to raise ValueError on every admin call (UNKNOWN); `cert:alice` could pass for a client
+    certificate in the logs; two entries of one admin name let the last admin be revoked."""
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"format": 1, "tokens": entries}))
+    with pytest.raises(ConfigError, match=f"malformed token entry: .*{refusal}"):
+        TokenStore(path)
+
+
 def test_bootstrap_does_nothing_when_tokens_exist(tokens: TokenStore, tmp_path: Path) -> None:
     tokens.create("operator", "ci")
     assert tokens.bootstrap(tmp_path / "state") is None
