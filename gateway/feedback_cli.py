@@ -12,6 +12,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,11 +25,13 @@ from gateway.protocol import admin as pb
 from gateway.requestlog.commands import parse_time
 
 DEFAULT_BATCH = 5000
+EXTRA_CELLS = "<cells beyond the header>"
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 def _entry(where: str, row: dict[str, Any]) -> Any:
     """A Feedback message from one parsed line; ValueError naming the line and field when malformed."""
-    unknown = sorted(set(row) - {"request_id", "label", "value", "observed_ns", "weight"})
+    unknown = sorted(map(str, set(row) - {"request_id", "label", "value", "observed_ns", "weight"}))
     if unknown:
         raise ValueError(f"{where}: unknown field {unknown[0]!r} (request_id, label | value, observed_ns, weight)")
     request_id = row.get("request_id")
@@ -39,10 +42,10 @@ def _entry(where: str, row: dict[str, Any]) -> Any:
     if (label is None) == (value is None):
         raise ValueError(f"{where}: set exactly one of label (classifiers) and value (regressors)")
     if label is not None:
-        if isinstance(label, str) and label.lstrip("-").isdecimal():  # CSV cells are text
+        if isinstance(label, str) and _INTEGER.fullmatch(label):  # CSV cells are text
             label = int(label)
-        if not isinstance(label, int) or isinstance(label, bool):
-            raise ValueError(f"{where}: label: {label!r} is not an integer class")
+        if not isinstance(label, int) or isinstance(label, bool) or not -(2**63) <= label < 2**63:
+            raise ValueError(f"{where}: label: {label!r} is not an integer class (a 64-bit integer)")
         entry.label = label
     else:
         number = _number(where, "value", value)
@@ -72,10 +75,12 @@ def _number(where: str, name: str, value: Any) -> float:
 
 def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any] | str]]:
     """(where, parsed row) per line, or (where, error text) for a line that is not a record at all."""
-    with path.open(newline="") as f:
+    # utf-8-sig: a CSV saved by a spreadsheet starts with a byte-order mark, which would join the first column's name
+    with path.open(newline="", encoding="utf-8-sig") as f:
         if path.suffix == ".csv":
-            for n, row in enumerate(csv.DictReader(f), start=2):
-                yield f"{path}:{n}", {k: v for k, v in row.items() if v not in (None, "")}
+            rows = csv.DictReader(f, restkey=EXTRA_CELLS)
+            for row in rows:  # line_num, not a count of rows: blank lines are skipped, and a cell may span lines
+                yield f"{path}:{rows.line_num}", {k: v for k, v in row.items() if v not in (None, "")}
             return
         for n, line in enumerate(f, start=1):
             if not line.strip():

@@ -266,10 +266,29 @@ def test_bad_feedback_gets_precise_errors_and_changes_nothing_else(served: Serve
     result = served.cli("feedback", str(path), "--model", MODEL, "--json")
     doc = json.loads(result.stdout)
     assert doc["sent"] == doc["stored"] == 0
-    assert doc["invalid"][0] == f"{path}:1: label: 'yes' is not an integer class"
+    assert doc["invalid"][0] == f"{path}:1: label: 'yes' is not an integer class (a 64-bit integer)"
     assert doc["invalid"][1].startswith(f"{path}:2: not JSON")
     assert doc["invalid"][2] == f"{path}:3: unknown field 'x' (request_id, label | value, observed_ns, weight)"
-    assert doc["invalid"][3] == f"{path}:4: label: '²' is not an integer class"
+    assert doc["invalid"][3] == f"{path}:4: label: '²' is not an integer class (a 64-bit integer)"
+
+    # Found by a review: labels int() misreads or protobuf refuses had no file:line; a spreadsheet's CSV
+    # (byte-order mark) was refused whole; blank lines shifted line numbers; extra cells crashed the CLI.
+    path = tmp_path / "labels.jsonl"
+    path.write_text(
+        '{"request_id": "e-2", "label": "--1"}\n' + json.dumps({"request_id": "e-2", "label": 2**70}) + "\n"
+    )
+    doc = json.loads(served.cli("feedback", str(path), "--model", MODEL, "--json").stdout)
+    assert doc["invalid"] == [
+        f"{path}:1: label: '--1' is not an integer class (a 64-bit integer)",
+        f"{path}:2: label: {2**70} is not an integer class (a 64-bit integer)",
+    ]
+    path = tmp_path / "sheet.csv"
+    path.write_bytes("\ufeffrequest_id,label\r\n\r\ne-2,x\r\n\r\ne-2,1,extra\r\n".encode())
+    doc = json.loads(served.cli("feedback", str(path), "--model", MODEL, "--json").stdout)
+    assert doc["invalid"] == [
+        f"{path}:3: label: 'x' is not an integer class (a 64-bit integer)",
+        f"{path}:5: unknown field '<cells beyond the header>' (request_id, label | value, observed_ns, weight)",
+    ]
     assert served.call("GetQuality", apb.GetQualityRequest(model=MODEL)).feedback_records == after
 
 

@@ -16,10 +16,11 @@ import pytest
 
 from gateway.config import LogConfig
 from gateway.errors import InvalidArgument, Unavailable
-from gateway.feedback.ingest import REGRESSOR
+from gateway.feedback.ingest import REGRESSOR, submit
 from gateway.feedback.ingester import IngestProcess
 from gateway.feedback.store import FeedbackStore
 from gateway.protocol import admin as pb
+from gateway.requestlog.reader import LogReader
 from gateway.requestlog.record import Record
 from gateway.requestlog.segments import list_segments
 from gateway.requestlog.writer import LogWriter
@@ -204,3 +205,28 @@ def test_the_child_logs_at_the_gateways_level_and_names_its_worker(
     lines = [line for line in capfd.readouterr().err.splitlines() if "damaged segment skipped" in line]
     assert len(lines) == 1, lines  # at "error" the warning is not written
     assert " WARNING worker 3 gateway.requestlog.reader (feedback ingest process " in lines[0]
+
+
+def test_a_repeat_in_a_batch_of_entries_and_columns_names_what_it_repeats(tmp_path: Path) -> None:
+    """Column rows' indices follow the entries': a repeat used to name `row N` counting the entries too."""
+
+    async def log_requests() -> None:
+        writer = LogWriter(tmp_path / "log", LogConfig())
+        for request_id in "abcd":
+            await writer.commit(Record(request_id, time.time_ns(), "m", "1"))
+        await writer.close()
+
+    asyncio.run(log_requests())
+    entries = [pb.Feedback(request_id=i, value=1.0) for i in "ab"]
+    columns = pb.FeedbackColumns(request_ids=list("cadc"), values=[1.0] * 4)
+    reader, store = LogReader(tmp_path / "log"), FeedbackStore(tmp_path / "feedback")
+    try:
+        outcome = submit(store, reader, "m", REGRESSOR, entries, columns)
+    finally:
+        reader.close()
+        store.close()
+    assert outcome.stored == 4
+    assert [i.reason for i in outcome.invalid] == [
+        "columns.request_ids[1]: 'a' repeats entries[0] in this batch; send one truth per request",
+        "columns.request_ids[3]: 'c' repeats row 0 in this batch; send one truth per request",
+    ]

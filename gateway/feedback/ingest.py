@@ -164,10 +164,11 @@ def _column_invalid(
     elif not request_id:
         name, reason = f"request_ids[{r}]", "empty; name the logged request this truth is for"
     else:
-        first = seen[request_id]
+        first = seen[request_id]  # an index over entries, then column rows (offset by the entries)
+        earlier = f"entries[{first}]" if first < offset else f"row {first - offset}"
         name, reason = (
             f"request_ids[{r}]",
-            f"{request_id!r} repeats row {first} in this batch; send one truth per request",
+            f"{request_id!r} repeats {earlier} in this batch; send one truth per request",
         )
     return Invalid(offset + r, request_id, f"columns.{name}", f"columns.{name}: {reason}")
 
