@@ -55,7 +55,8 @@ class LogWriter:
         self._segment_lock = threading.Lock()  # the syncer must not fsync a segment being closed
         self._segment = self._open_latest_or_new()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiting: list[asyncio.Future[None]] = []  # committed, waiting for their fsync
+        self._waiting: list[asyncio.Future[None]] = []  # committed, waiting for their fsync to start
+        self._syncing = 0  # answers whose fsync is running (taken from _waiting, not yet resolved)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
@@ -76,8 +77,9 @@ class LogWriter:
 
     @property
     def queue_depth(self) -> int:
-        """Handlers waiting for an fsync (always 0 without fsync: commits are inline)."""
-        return len(self._waiting)
+        """Handlers waiting for an fsync, the running one included (always 0 without fsync: commits are
+        inline): counting only those not yet taken let up to twice `max_pending` wait."""
+        return len(self._waiting) + self._syncing
 
     # --- segments -------------------------------------------------------------------------
 
@@ -239,6 +241,7 @@ class LogWriter:
             with self._lock:
                 self._wake.clear()
                 waiting, self._waiting = self._waiting, []
+                self._syncing += len(waiting)
                 if self._closing and not waiting:
                     return
             if not waiting:
@@ -251,11 +254,16 @@ class LogWriter:
                 with self._segment_lock, self._segment.guard.shared() as env:  # the loop thread may grow the map
                     env.sync(True)  # covers every commit made before it started
                 self.fsyncs += 1
-            except lmdb.Error as e:
+            except Exception as e:  # any failure answers its batch: a dead syncer would leave every waiter hanging
                 log.exception("request log fsync failed")
                 error = Unavailable(f"request log fsync failed, request not answered: {e}")
             assert self._loop is not None
-            self._loop.call_soon_threadsafe(_resolve, waiting, error)
+            self._loop.call_soon_threadsafe(self._synced, waiting, error)
+
+    def _synced(self, waiting: list[asyncio.Future[None]], error: BaseException | None) -> None:
+        with self._lock:
+            self._syncing -= len(waiting)
+        _resolve(waiting, error)
 
     async def close(self) -> None:
         """Let waiting handlers get their fsync, stop the syncer, close the segment."""
