@@ -20,6 +20,7 @@ import pytest
 from conftest import GatewayProcess
 
 from gateway.config import LogConfig
+from gateway.errors import ResourceExhausted
 from gateway.protocol import Stub
 from gateway.protocol import inference as pb
 from gateway.requestlog.reader import LogReader, Query
@@ -340,6 +341,7 @@ GROW_THE_MAP = """
 import asyncio, sys, time
 from pathlib import Path
 from gateway.config import LogConfig
+from gateway.errors import ResourceExhausted
 from gateway.requestlog.record import Record, Tensor
 from gateway.requestlog.writer import LogWriter
 
@@ -378,6 +380,7 @@ KEEP_WRITING = """
 import asyncio, sys, time
 from pathlib import Path
 from gateway.config import LogConfig
+from gateway.errors import ResourceExhausted
 from gateway.requestlog.record import Record, Tensor
 from gateway.requestlog.writer import LogWriter
 
@@ -737,3 +740,43 @@ def test_the_gateway_raises_its_open_files_limit_for_the_segments_its_readers_ke
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_max_pending_counts_the_answers_whose_fsync_is_running(tmp_path: Path) -> None:
+    """The syncer takes its batch off the waiting list before it fsyncs: those answers went uncounted, so
+    up to twice `log.max_pending` could wait (a reviewer saw 3 waiting under a limit of 2)."""
+    config = LogConfig(sync="fsync", max_pending=2, fault_fsync_delay_ms=500)
+
+    async def run() -> None:
+        writer = LogWriter(tmp_path, config)
+        first = [asyncio.create_task(writer.commit(r)) for r in _records(2)]
+        await asyncio.sleep(0.2)  # the syncer took both and is inside its (slowed) fsync
+        assert writer.queue_depth == 2
+        with pytest.raises(ResourceExhausted, match=r"2 answers are waiting for their fsync \(log.max_pending 2\)"):
+            writer.admit()
+        await asyncio.gather(*first)
+        assert writer.queue_depth == 0
+        writer.admit()
+        await writer.close()
+
+    asyncio.run(run())
+
+
+def test_a_query_since_a_time_finds_records_newer_than_the_segment_after_theirs(tmp_path: Path) -> None:
+    """A clock stepped back names the next segment before the newest records of the one it follows; `since`
+    used to skip a segment by the next one's name, so those records were stored (get found them) but never
+    queried or exported."""
+    ahead = time.time_ns() + 2 * 3600 * 10**9  # written while the clock was two hours ahead
+
+    async def run() -> None:
+        writer = LogWriter(tmp_path, LogConfig(segment_max_bytes=64 * 1024))
+        late = Record("late", ahead, "m", "1")
+        await writer.commit(late)
+        await _write(writer, _records(1000, payload=256))  # now at the real time: rotates several times
+        await writer.close()
+
+    asyncio.run(run())
+    assert len(list_segments(tmp_path)) > 1
+    reader = LogReader(tmp_path)
+    assert [r.id for r in reader.get("late")] == ["late"]
+    assert [r.id for r in reader.query(Query(since_ns=ahead - 10**9))] == ["late"]
