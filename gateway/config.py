@@ -35,6 +35,14 @@ def bare_host(host: str) -> str:
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
+def _check_at_least(section: str, minimum: float, *keys_and_values: tuple[str, float]) -> None:
+    """Refuse a count or duration below `minimum`: such values were accepted and misbehaved later (a
+    negative grace, onnxruntime refusing -1 threads at the first load, a negative wait)."""
+    for key, value in keys_and_values:
+        if value < minimum:
+            raise ConfigError(f"{section}.{key}: must be {minimum:g} or more, got {value}")
+
+
 def _check_port(key: str, port: int) -> None:
     """Refuse a port TCP cannot have: gRPC would wrap 70000 to 4464 and -1 to 65535 without a word."""
     if not 0 <= port <= MAX_PORT:
@@ -64,6 +72,8 @@ class ServerConfig:
             raise ConfigError(f"server.route_poll_ms: must be positive, got {self.route_poll_ms}")
         if self.stream_max_in_flight < 1:
             raise ConfigError(f"server.stream_max_in_flight: must be at least 1, got {self.stream_max_in_flight}")
+        _check_at_least("server", 1, ("max_message_bytes", self.max_message_bytes))
+        _check_at_least("server", 0, ("grace_period_s", self.grace_period_s))
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,17 @@ class RepositoryConfig:
     inter_op_threads: int = 1
     warmup_runs: int = 3
     watch_interval_s: float = 2.0  # load new version directories this often (0: no watching)
+
+    def __post_init__(self) -> None:
+        # 0 threads: onnxruntime's own choice
+        _check_at_least(
+            "repository",
+            0,
+            ("intra_op_threads", self.intra_op_threads),
+            ("inter_op_threads", self.inter_op_threads),
+            ("warmup_runs", self.warmup_runs),
+            ("watch_interval_s", self.watch_interval_s),
+        )
 
 
 @dataclass(frozen=True)
@@ -119,6 +140,14 @@ class ModelServingConfig:
                 raise ConfigError(f"{path}.{key}: must be 0 (unlimited) or more, got {getattr(self, key)}")
         if self.max_queue < -1:
             raise ConfigError(f"{path}.max_queue: must be -1 (twice max_batch_size), 0 (unlimited) or more")
+        _check_at_least(
+            path,
+            0,
+            ("max_batch_size", self.max_batch_size),
+            ("max_batch_wait_us", self.max_batch_wait_us),
+            ("inline_threshold_us", self.inline_threshold_us),
+            ("agreement_rtol", self.agreement_rtol),
+        )
 
     @functools.cached_property
     def queue_limit(self) -> int:

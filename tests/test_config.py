@@ -47,6 +47,11 @@ def test_model_sections_inherit_defaults(tmp_path: Path) -> None:
         ("[server]\nport = 70000\n", "server.port: a port is 0..65535, got 70000"),
         ("[admin]\nport = -1\n", "admin.port: a port is 0..65535, got -1"),
         ("[telemetry]\nprometheus_port = 65536\n", "telemetry.prometheus_port: a port is 0..65535, got 65536"),
+        ("[server]\ngrace_period_s = -1\n", "server.grace_period_s: must be 0 or more, got -1"),
+        ("[server]\nmax_message_bytes = 0\n", "server.max_message_bytes: must be 1 or more, got 0"),
+        ("[repository]\nintra_op_threads = -1\n", "repository.intra_op_threads: must be 0 or more, got -1"),
+        ("[model_defaults]\nmax_batch_wait_us = -5\n", "model_defaults.max_batch_wait_us: must be 0 or more, got -5"),
+        ("[models.credit]\nmax_batch_size = -1\n", "models.credit.max_batch_size: must be 0 or more, got -1"),
     ],
 )
 def test_bad_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:
