@@ -64,7 +64,9 @@ def _from_contents(name: str, dtype: DataType, shape: tuple[int, ...], contents:
             f"but shape {list(shape)} needs {count}"
         )
     try:
-        array = np.asarray(values, dtype=dtype.numpy)
+        # A list, not protobuf's container: numpy casts the container without its bounds check, so 200 sent
+        # as INT8 (in a 32-bit field) ran the model on -56.
+        array = np.asarray(list(values), dtype=dtype.numpy)
     except OverflowError:
         raise InvalidArgument(f"inputs[{name}].contents: a value does not fit {dtype.v2_name}") from None
     return _reshape(name, array, shape)

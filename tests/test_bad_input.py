@@ -207,3 +207,17 @@ def test_metadata_of_unknown_model_is_not_found(stub: Stub) -> None:
         with pytest.raises(grpc.RpcError) as error:
             call(message(name="nope"))
         assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(("datatype", "value"), [("INT8", 200), ("UINT8", 300), ("INT16", -40000), ("UINT16", 70000)])
+def test_a_typed_value_that_does_not_fit_its_datatype_is_refused(stub: Stub, datatype: str, value: int) -> None:
+    """8- and 16-bit values travel in 32-bit protobuf fields: numpy cast protobuf's container without its
+    bounds check, so INT8 200 ran the model on -56 and answered OK."""
+    request = pb.ModelInferRequest(model_name=f"identity_{datatype.lower()}")
+    tensor = request.inputs.add(name="x", datatype=datatype, shape=[1, 4])
+    field = tensor.contents.uint_contents if datatype.startswith("U") else tensor.contents.int_contents
+    field.extend([1, 2, 3, value])
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ModelInfer(request)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == f"inputs[x].contents: a value does not fit {datatype}"
