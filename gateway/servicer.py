@@ -303,13 +303,9 @@ class InferenceServicer:
 
     async def _log_unprocessed(self, request: pb.ModelInferRequest | Undecodable, error: GatewayError) -> GatewayError:
         """Log a request refused before processing, with its bytes; return the error to answer with."""
+        raw = request.data if isinstance(request, Undecodable) else request.SerializeToString()
         try:
-            if isinstance(request, Undecodable):
-                await self._service.reject_unprocessed("", "", "", error, request.data)
-            else:
-                await self._service.reject_unprocessed(
-                    request.model_name, request.model_version, request.id, error, request.SerializeToString()
-                )
+            await self._service.reject_unprocessed(*_named(request), error, raw)
         except GatewayError as log_error:  # the log could not take the record: say so instead
             return log_error
         return error
@@ -338,17 +334,22 @@ def _parsed(request: pb.ModelInferRequest | Undecodable) -> pb.ModelInferRequest
     return request
 
 
+def _named(request: pb.ModelInferRequest | Undecodable) -> tuple[str, str, str]:
+    """The model, version and id a request names (none for bytes that did not parse)."""
+    if isinstance(request, Undecodable):
+        return "", "", ""
+    return request.model_name, request.model_version, request.id
+
+
 def _stream_error(request: pb.ModelInferRequest | Undecodable, error: GatewayError) -> pb.ModelStreamInferResponse:
     """One streamed request's failure: its status and message in `error_message`, its id in the reply."""
-    id_ = "" if isinstance(request, Undecodable) else request.id
+    model_name, model_version, id_ = _named(request)
     if error.limit is None:  # as in `reject`: refusals by limits are logged and counted, not printed
         log.info("ModelStreamInfer request %r rejected with %s: %s", id_, error.code.name, error.message)
     reply = pb.ModelStreamInferResponse(error_message=f"{error.code.name}: {error.message}")
-    if isinstance(request, Undecodable):
-        return reply
-    reply.infer_response.id = request.id
-    reply.infer_response.model_name = request.model_name
-    reply.infer_response.model_version = request.model_version
+    reply.infer_response.id = id_
+    reply.infer_response.model_name = model_name
+    reply.infer_response.model_version = model_version
     return reply
 
 
