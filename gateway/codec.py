@@ -1,20 +1,25 @@
-"""Open Inference Protocol messages <-> the core's plain objects, zero-copy where the bytes allow.
+"""Open Inference Protocol bytes <-> the core's plain objects, zero-copy where the bytes allow.
 
-`raw_input_contents` becomes numpy arrays with `np.frombuffer` (no copy); typed `contents` are
-converted once. Every mistake a client can make in the message raises `InvalidArgument` naming
+The request path works on bytes: `native.wire` reads the common request and writes every reply
+without protobuf objects. Any other request is parsed by protobuf and decoded by `decode_message`,
+the reference: `raw_input_contents` becomes numpy arrays with `np.frombuffer` (no copy), typed
+`contents` are converted once, and every mistake a client can make raises `InvalidArgument` naming
 the field.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from gateway.datatypes import BY_V2_NAME, DataType
 from gateway.errors import InvalidArgument
 from gateway.inference import InferenceRequest, InferenceResponse
 from gateway.protocol import inference as pb
+from native.wire import decode_infer_request, encode_infer_response
 
 
 def _datatype(name: str, declared: str) -> DataType:
@@ -72,7 +77,7 @@ def _from_contents(name: str, dtype: DataType, shape: tuple[int, ...], contents:
     return _reshape(name, array, shape)
 
 
-def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:
+def decode_message(request: pb.ModelInferRequest) -> InferenceRequest:
     if not request.model_name:
         raise InvalidArgument("model_name: required")
     tensors = request.inputs
@@ -113,22 +118,60 @@ def decode_request(request: pb.ModelInferRequest) -> InferenceRequest:
     )
 
 
-def encode_response(response: InferenceResponse, message: pb.ModelInferResponse) -> pb.ModelInferResponse:
-    """Fill `message` (empty): a fresh one for ModelInfer, the `infer_response` field of a stream's reply."""
-    message.model_name = response.model_name
-    message.model_version = response.model_version
-    message.id = response.id
-    parameters = message.parameters
-    parameters["request_id"].string_param = response.request_id
+class ParameterReader:
+    """A request's parameters as text, read only when asked (a sticky key or segments may need them)."""
+
+    __slots__ = ("_parameters",)
+
+    def __init__(self, request: pb.ModelInferRequest) -> None:
+        self._parameters = request.parameters
+
+    def __call__(self, name: str) -> str | None:
+        if name not in self._parameters:
+            return None
+        parameter = self._parameters[name]
+        kind = parameter.WhichOneof("parameter_choice")
+        return None if kind is None else str(getattr(parameter, kind))
+
+    def names(self) -> Iterable[str]:
+        return iter(self._parameters)
+
+
+def decode(data: bytes) -> InferenceRequest:
+    """A ModelInferRequest's bytes as the core's request (InvalidArgument naming the field if it is wrong)."""
+    fields = decode_infer_request(data)
+    if fields is not None:  # the common request: no parameters to read
+        return InferenceRequest(*fields)
+    try:
+        message = pb.ModelInferRequest.FromString(data)
+    except DecodeError as e:
+        raise InvalidArgument(f"request: not a valid ModelInferRequest message: {e}") from None
+    request = decode_message(message)
+    request.parameter = ParameterReader(message)
+    return request
+
+
+def named(data: bytes) -> tuple[str, str, str]:
+    """The model, version and id a request names, for the record of a refused one (none if it does not parse)."""
+    try:
+        message = pb.ModelInferRequest.FromString(data)
+    except DecodeError:
+        return "", "", ""
+    return message.model_name, message.model_version, message.id
+
+
+def encode(response: InferenceResponse, stream: bool = False) -> bytes:
+    """The ModelInferResponse's bytes (a ModelStreamInferResponse's with `stream`): the answering version,
+    the client's id, the log's `request_id`, the OOD verdict where scored, and the outputs as raw bytes."""
     ood = response.ood
-    if ood is not None:
-        parameters["ood"].bool_param = ood.any_flagged
-        parameters["ood_score"].double_param = ood.max_score
-        if response.ood_features:
-            parameters["ood_features"].string_param = response.ood_features
-    outputs = message.outputs
-    raw = message.raw_output_contents
-    for tensor in response.outputs:
-        outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-        raw.append(tensor.data)
-    return message
+    return encode_infer_response(
+        response.model_name,
+        response.model_version,
+        response.id,
+        response.request_id,
+        None if ood is None else bool(ood.any_flagged),
+        0.0 if ood is None else float(ood.max_score),
+        response.ood_features or "",
+        response.outputs,
+        stream,
+    )

@@ -8,7 +8,7 @@ the RPCs, and `Stub` is a client for tests, the demo and the CLI.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from importlib import resources
 from types import SimpleNamespace
 from typing import Any
@@ -16,7 +16,6 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import ServiceDescriptor
-from google.protobuf.message import DecodeError
 
 POOL = descriptor_pool.DescriptorPool()
 
@@ -50,29 +49,6 @@ def _types(service: ServiceDescriptor, method_name: str) -> tuple[Any, Any]:
     )
 
 
-class Undecodable:
-    """A request protobuf could not parse (bad wire format, invalid UTF-8 in a string field): its bytes
-    and why, handed to the handler instead, so that it is refused precisely and logged like any other."""
-
-    __slots__ = ("data", "reason")
-
-    def __init__(self, data: bytes, reason: str) -> None:
-        self.data = data
-        self.reason = reason
-
-
-def _parse_or_keep(message_type: Any) -> Callable[[bytes], Any]:
-    parse = message_type.FromString
-
-    def deserialize(data: bytes) -> Any:
-        try:
-            return parse(data)
-        except DecodeError as e:  # raised inside gRPC, it would answer UNKNOWN and no handler would run
-            return Undecodable(data, str(e))
-
-    return deserialize
-
-
 _HANDLERS = {  # (client streaming, server streaming) -> handler factory
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
@@ -86,11 +62,11 @@ def add_service(
     service: ServiceDescriptor,
     implementation: object,
     hot: Collection[str] = (),
-    undecodable: Collection[str] = (),
+    raw: Collection[str] = (),
 ) -> None:
     """Register `implementation.<RpcName>` for every RPC of `service`; the `hot` RPCs are also registered
-    with the gRPC core. The `undecodable` RPCs receive an `Undecodable` for a message protobuf cannot
-    parse (the others answer it UNKNOWN, gRPC's default).
+    with the gRPC core. The `raw` RPCs take the request's bytes and return the reply's bytes: they
+    decode and encode messages themselves (the others get and return protobuf messages).
 
     A core-registered RPC is matched without a Python lookup, but grpc.aio's accept loop waits on one
     pending future per registered RPC for every call it accepts (`asyncio.wait` over all of them): with
@@ -101,12 +77,11 @@ def add_service(
     for method in service.methods:
         request_type, response_type = _types(service, method.name)
         make = _HANDLERS[method.client_streaming, method.server_streaming]
+        as_bytes = method.name in raw  # gRPC passes bytes through where (de)serializers are None
         handlers[method.name] = make(
             getattr(implementation, method.name),
-            request_deserializer=_parse_or_keep(request_type)
-            if method.name in undecodable
-            else request_type.FromString,
-            response_serializer=response_type.SerializeToString,
+            request_deserializer=None if as_bytes else request_type.FromString,
+            response_serializer=None if as_bytes else response_type.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     if hot:

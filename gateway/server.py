@@ -162,7 +162,7 @@ class Gateway:
             protocol.inference.GRPCInferenceService,
             self.inference,
             hot=("ModelInfer",),
-            undecodable=("ModelInfer", "ModelStreamInfer"),  # refused INVALID_ARGUMENT and logged, bytes kept
+            raw=("ModelInfer", "ModelStreamInfer"),  # any bytes reach the handler: refused precisely, and logged
         )
         admin = AdminServicer(
             self.repository,

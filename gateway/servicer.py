@@ -10,7 +10,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Any
@@ -18,11 +18,10 @@ from typing import Any
 import grpc
 
 from gateway.auth import Identity, TokenStore, require
-from gateway.codec import decode_request, encode_response
+from gateway.codec import decode, encode, named
 from gateway.errors import GatewayError, InvalidArgument, NotFound, Unauthenticated
 from gateway.inference import InferenceService
 from gateway.lifecycle import ModelLifecycle
-from gateway.protocol import Undecodable
 from gateway.protocol import inference as pb
 from gateway.repository import ModelRepository, ModelVersion
 from gateway.runtime import TensorSpec
@@ -72,25 +71,6 @@ def refusals_answered(empty: Callable[[], Any]) -> Callable[[Rpc], Rpc]:
         return rpc
 
     return wrap
-
-
-class ParameterReader:
-    """A request's parameters as text, read only when asked (a sticky key or segments may need them)."""
-
-    __slots__ = ("_parameters",)
-
-    def __init__(self, request: pb.ModelInferRequest) -> None:
-        self._parameters = request.parameters
-
-    def __call__(self, name: str) -> str | None:
-        if name not in self._parameters:
-            return None
-        parameter = self._parameters[name]
-        kind = parameter.WhichOneof("parameter_choice")
-        return None if kind is None else str(getattr(parameter, kind))
-
-    def names(self) -> Iterable[str]:
-        return iter(self._parameters)
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -193,29 +173,27 @@ class InferenceServicer:
                 return caller
         return self._tokens.authenticate(authorization)
 
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
+    async def ModelInfer(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """The request path takes and returns bytes (see `codec`); a refusal answers an empty message."""
         try:
-            decoded = decode_request(_parsed(request))
+            decoded = decode(data)
             headers = dict(context.invocation_metadata() or ())
             decoded.caller = self._caller(headers, context)
         except GatewayError as e:
-            reject(context, "ModelInfer", await self._log_unprocessed(request, e))
-            return pb.ModelInferResponse()
+            reject(context, "ModelInfer", await self._log_unprocessed(data, e))
+            return b""
         decoded.headers = headers
-        decoded.parameter = ParameterReader(request)
         decoded.deadline = _deadline(context)
         try:
             response = await self._service.infer(decoded)
         except GatewayError as e:
             reject(context, "ModelInfer", e)
-            return pb.ModelInferResponse()
-        return encode_response(response, pb.ModelInferResponse())
+            return b""
+        return encode(response)
 
     async def ModelStreamInfer(
-        self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
         """Triton's streaming inference: every request gets one reply (its own error included) and the
         same routing, validation and logging as ModelInfer; the stream's metadata and deadline apply to all."""
         headers = dict(context.invocation_metadata() or ())
@@ -225,24 +203,21 @@ class InferenceServicer:
         except GatewayError as e:  # each request is still answered, and logged, with the refusal
             caller, refused = None, e
 
-        async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        async def answer(data: bytes) -> bytes:
             try:
                 if refused is not None:
                     raise refused
-                decoded = decode_request(_parsed(request))
+                decoded = decode(data)
             except GatewayError as e:
-                return _stream_error(request, await self._log_unprocessed(request, e))
+                return _stream_error(data, await self._log_unprocessed(data, e))
             decoded.caller = caller
             decoded.headers = headers
-            decoded.parameter = ParameterReader(request)
             decoded.deadline = deadline
             try:
                 response = await self._service.infer(decoded)
             except GatewayError as e:
-                return _stream_error(request, e)
-            reply = pb.ModelStreamInferResponse()
-            encode_response(response, reply.infer_response)
-            return reply
+                return _stream_error(data, e)
+            return encode(response, stream=True)
 
         async for reply in RequestStream(answer, self._stream_max_in_flight, self._stream_answers).replies(requests):
             yield reply
@@ -301,11 +276,10 @@ class InferenceServicer:
         await self._lifecycle.unload_model(request.model_name, who=identity.name, why=why)
         return pb.RepositoryModelUnloadResponse()
 
-    async def _log_unprocessed(self, request: pb.ModelInferRequest | Undecodable, error: GatewayError) -> GatewayError:
+    async def _log_unprocessed(self, data: bytes, error: GatewayError) -> GatewayError:
         """Log a request refused before processing, with its bytes; return the error to answer with."""
-        raw = request.data if isinstance(request, Undecodable) else request.SerializeToString()
         try:
-            await self._service.reject_unprocessed(*_named(request), error, raw)
+            await self._service.reject_unprocessed(*named(data), error, data)
         except GatewayError as log_error:  # the log could not take the record: say so instead
             return log_error
         return error
@@ -328,29 +302,16 @@ def _reason(parameters: Any, default: str) -> str:
     return default
 
 
-def _parsed(request: pb.ModelInferRequest | Undecodable) -> pb.ModelInferRequest:
-    if isinstance(request, Undecodable):
-        raise InvalidArgument(f"request: not a valid ModelInferRequest message: {request.reason}")
-    return request
-
-
-def _named(request: pb.ModelInferRequest | Undecodable) -> tuple[str, str, str]:
-    """The model, version and id a request names (none for bytes that did not parse)."""
-    if isinstance(request, Undecodable):
-        return "", "", ""
-    return request.model_name, request.model_version, request.id
-
-
-def _stream_error(request: pb.ModelInferRequest | Undecodable, error: GatewayError) -> pb.ModelStreamInferResponse:
-    """One streamed request's failure: its status and message in `error_message`, its id in the reply."""
-    model_name, model_version, id_ = _named(request)
+def _stream_error(data: bytes, error: GatewayError) -> bytes:
+    """One streamed request's failure: its status and message in `error_message`, its names in the reply."""
+    model_name, model_version, id_ = named(data)
     if error.limit is None:  # as in `reject`: refusals by limits are logged and counted, not printed
         log.info("ModelStreamInfer request %r rejected with %s: %s", id_, error.code.name, error.message)
     reply = pb.ModelStreamInferResponse(error_message=f"{error.code.name}: {error.message}")
     reply.infer_response.id = id_
     reply.infer_response.model_name = model_name
     reply.infer_response.model_version = model_version
-    return reply
+    return bytes(reply.SerializeToString())
 
 
 def _model_config(version: ModelVersion) -> pb.ModelConfig:
