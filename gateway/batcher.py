@@ -127,6 +127,15 @@ class MicroBatcher:
     async def run(self, feeds: Feeds, rows: int, deadline: float | None = None) -> list[np.ndarray]:
         """Outputs (in signature order) for these rows; DeadlineExceeded if `deadline` (monotonic) passes
         while they wait for a batch."""
+        outputs = self.submit(feeds, rows, deadline)
+        return outputs if isinstance(outputs, list) else await outputs
+
+    def submit(
+        self, feeds: Feeds, rows: int, deadline: float | None = None
+    ) -> list[np.ndarray] | asyncio.Future[list[np.ndarray]]:
+        """`run` for the request path: the outputs when they were computed at once (inline, nothing queued),
+        else a future of them. No coroutine of its own: each one a request awaits through costs it a
+        frame to resume when its batch is done."""
         starting = not self._queue
         wait = starting and rows < self._max_rows and self._should_wait()
         if starting and not wait and self.inline:
@@ -147,7 +156,7 @@ class MicroBatcher:
             if self._batches >= self._explore_after:
                 self._target = min(self._target + 1, self._max_rows)
             self._flush()
-        return await pending.future
+        return pending.future
 
     def _on_timeout(self) -> None:
         self._timer = None

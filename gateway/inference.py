@@ -253,22 +253,23 @@ class InferenceService:
         if version.serving.max_tensor_rank or version.serving.max_tensor_elements:
             _check_sizes(version, request)
         expected = model.inputs
-        if len(request.inputs) != len(expected) or any(s.name not in request.inputs for s in expected):
+        inputs = request.inputs
+        if inputs.keys() != model.input_names:
             names = [s.name for s in expected]
-            missing = [n for n in names if n not in request.inputs]
+            missing = [n for n in names if n not in inputs]
             if missing:
                 raise InvalidArgument(f"inputs: missing input {missing[0]!r}; the model expects {names}")
-            extra = [n for n in request.inputs if n not in names]
+            extra = [n for n in inputs if n not in names]
             raise InvalidArgument(f"inputs: unexpected input {extra[0]!r}; the model expects {names}")
         reject_non_finite = version.serving.reject_non_finite
         for spec in expected:
-            check_input(spec, request.inputs[spec.name], request.datatypes[spec.name], reject_non_finite)
+            check_input(spec, inputs[spec.name], request.datatypes[spec.name], reject_non_finite)
         rows = 1
         if model.batchable:
-            batch_sizes = {a.shape[0] for a in request.inputs.values()}
-            if len(batch_sizes) != 1:
-                raise InvalidArgument(f"inputs: batch dimensions differ across inputs: {sorted(batch_sizes)}")
-            rows = batch_sizes.pop()
+            rows = inputs[expected[0].name].shape[0]  # names matched, decoding needs an input, ranks are checked
+            if len(expected) > 1 and any(a.shape[0] != rows for a in inputs.values()):
+                batch_sizes = sorted({a.shape[0] for a in inputs.values()})
+                raise InvalidArgument(f"inputs: batch dimensions differ across inputs: {batch_sizes}")
             if rows == 0:
                 raise InvalidArgument("inputs: empty batch (dimension 0 is 0)")
             if rows > version.serving.max_batch_size:
@@ -339,7 +340,8 @@ class InferenceService:
             feeds = {spec.name: request.inputs[spec.name] for spec in version.model.inputs}
             version.in_flight += 1  # max_in_flight counts it; an unload waits for it
             try:
-                results = await version.batcher.run(feeds, rows, deadline)
+                outputs = version.batcher.submit(feeds, rows, deadline)
+                results = outputs if isinstance(outputs, list) else await outputs
             finally:
                 version.in_flight -= 1
             marks.executed = time.perf_counter_ns()

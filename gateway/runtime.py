@@ -70,6 +70,7 @@ class OnnxModel:
             raise ConfigError(f"{path}: onnxruntime cannot load the model: {e}") from e
         self.inputs = tuple(_spec(a, path) for a in self._session.get_inputs())
         self.outputs = tuple(_spec(a, path) for a in self._session.get_outputs())
+        self.input_names = frozenset(i.name for i in self.inputs)
         self.output_names = [o.name for o in self.outputs]
         self.batchable = all(len(t.shape) >= 1 and t.shape[0] == -1 for t in self.inputs + self.outputs)
 
