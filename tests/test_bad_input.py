@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from conftest import GatewayProcess
+from models import save_model
+from onnx import TensorProto, helper
 
 from gateway.protocol import Stub
 from gateway.protocol import inference as pb
@@ -221,3 +224,37 @@ def test_a_typed_value_that_does_not_fit_its_datatype_is_refused(stub: Stub, dat
         stub.ModelInfer(request)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.value.details() == f"inputs[x].contents: a value does not fit {datatype}"
+
+
+def test_inputs_of_one_request_must_share_their_batch_dimension(tmp_path: Path) -> None:
+    """A two-input model: matching batches run (each input read from the request's bytes), differing
+    ones are refused naming both sizes."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "y"], ["z"])],
+        "add",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 4]) for n in ("x", "y")],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 4])],
+    )
+    save_model(tmp_path / "models", "add", "1", graph)
+    gateway = GatewayProcess(tmp_path / "models", None, tmp_path)
+    gateway.wait_ready()
+    x, y = np.arange(8, dtype=np.float32).reshape(2, 4), np.full((2, 4), 0.5, np.float32)
+
+    def request(y_rows: int) -> object:
+        message = pb.ModelInferRequest(model_name="add")
+        for name, array in (("x", x), ("y", y[:y_rows])):
+            message.inputs.add(name=name, datatype="FP32", shape=array.shape)
+            message.raw_input_contents.append(array.tobytes())
+        return message
+
+    try:
+        with grpc.insecure_channel(gateway.address) as channel:
+            stub = Stub(channel)
+            reply = stub.ModelInfer(request(2))
+            np.testing.assert_array_equal(np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(2, 4), x + y)
+            with pytest.raises(grpc.RpcError) as error:
+                stub.ModelInfer(request(1))
+    finally:
+        assert gateway.stop() == 0, gateway.log
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == "inputs: batch dimensions differ across inputs: [1, 2]"
