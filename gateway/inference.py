@@ -272,7 +272,7 @@ class InferenceService:
                 raise InvalidArgument(f"inputs: batch dimensions differ across inputs: {batch_sizes}")
             if rows == 0:
                 raise InvalidArgument("inputs: empty batch (dimension 0 is 0)")
-            if rows > version.serving.max_batch_size:
+            if version.serving.max_batch_size and rows > version.serving.max_batch_size:  # 0: no batching
                 raise InvalidArgument(
                     f"inputs: batch size {rows} exceeds max_batch_size {version.serving.max_batch_size}"
                 )

@@ -317,18 +317,20 @@ def _stream_error(data: bytes, error: GatewayError) -> bytes:
 def _model_config(version: ModelVersion) -> pb.ModelConfig:
     model = version.model
     assert model is not None
-    batchable = model.batchable
-    skip = 1 if batchable else 0  # Triton reports dims without the batch dimension
+    # As in Triton: with batching, dims leave out the batch dimension; max_batch_size 0 means no batching
+    # and dims that are the whole shape.
+    batching = model.batchable and version.serving.max_batch_size > 0
+    skip = 1 if batching else 0
     config = pb.ModelConfig(
         name=version.name,
         platform=PLATFORM,
         backend="onnxruntime",
-        max_batch_size=version.serving.max_batch_size if batchable else 0,
+        max_batch_size=version.serving.max_batch_size if batching else 0,
         default_model_filename="model.onnx",
         input=[pb.ModelInput(name=s.name, data_type=s.dtype.triton_enum, dims=s.shape[skip:]) for s in model.inputs],
         output=[pb.ModelOutput(name=s.name, data_type=s.dtype.triton_enum, dims=s.shape[skip:]) for s in model.outputs],
     )
-    if batchable:
+    if batching:
         config.dynamic_batching.max_queue_delay_microseconds = version.serving.max_batch_wait_us
     parameters = {
         "version": version.version,

@@ -103,3 +103,35 @@ def test_a_failing_request_does_not_fail_its_batch(gateway: GatewayProcess) -> N
         else:
             assert not isinstance(response, BaseException), response
             assert np.frombuffer(response.raw_output_contents[0], dtype=np.float32)[0] == (i % 5) * 10
+
+
+def test_max_batch_size_zero_means_no_batching(repository: Path, tmp_path: Path) -> None:
+    """As in Triton: `max_batch_size = 0` serves a batchable model without merging requests and without a
+    batch limit, and ModelConfig then reports the whole shape (it used to refuse every request)."""
+    gateway = GatewayProcess(repository, "[models.mlp]\nmax_batch_size = 0\n", tmp_path)
+
+    def _version_1(x: np.ndarray, request_id: str) -> object:
+        request = _request("mlp", "input", x, "FP32", request_id)
+        request.model_version = "1"  # type: ignore[attr-defined]
+        return request
+
+    try:
+        gateway.wait_ready()
+        with grpc.insecure_channel(gateway.address) as channel:
+            stub = Stub(channel)
+            config = stub.ModelConfig(pb.ModelConfigRequest(name="mlp", version="1")).config
+            big = stub.ModelInfer(_version_1(np.ones((100, 32), np.float32), "big"))
+        rng = np.random.default_rng(3)
+        inputs = [rng.standard_normal((1, 32)).astype(np.float32) for _ in range(48)]
+        replies = asyncio.run(_send_all(gateway.address, [_version_1(x, str(i)) for i, x in enumerate(inputs)]))
+        stats = _statistics(gateway, "mlp")
+    finally:
+        assert gateway.stop() == 0, gateway.log
+    assert (config.max_batch_size, list(config.input[0].dims), config.HasField("dynamic_batching")) == (
+        0,
+        [-1, 32],
+        False,
+    )
+    assert list(big.outputs[0].shape) == [100, 16]
+    assert not [r for r in replies if isinstance(r, Exception)]
+    assert (stats.inference_count, stats.execution_count) == (100 + 48, 1 + 48)  # rows; runs: none merged
