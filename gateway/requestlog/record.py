@@ -17,6 +17,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from native.logpack import pack_record
+
 FORMAT_VERSION = 1
 KEY = struct.Struct(">QII")  # timestamp ns, process id, sequence number
 MAX_ID_KEY_BYTES = 400  # LMDB keys are limited to 511 bytes; longer ids are indexed by their sha256
@@ -88,20 +90,26 @@ def _tensors_in(items: list[list[Any]]) -> list[Tensor]:
     return [Tensor(name, datatype, list(shape), data) for name, datatype, shape, data in items]
 
 
-_FIELDS = [f.name for f in dataclasses.fields(Record)]
-# One reusable packer (a third cheaper than packb, which builds one per call). Records are encoded
-# on the event loop's thread only; a reader in another thread decodes, which needs no shared state.
-_PACKER = msgpack.Packer(use_bin_type=True)
-_TENSOR_FIELDS = ("inputs", "outputs")
+RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(Record))
+TENSOR_FIELDS = frozenset(("inputs", "outputs"))
 
 
 def encode(record: Record) -> bytes:
-    """A msgpack map of the record's fields (tensors as [name, datatype, shape, bytes]) plus `v`."""
-    values: dict[str, Any] = dict(vars(record))
-    for name in _TENSOR_FIELDS:
+    """A msgpack map of the record's fields (tensors as [name, datatype, shape, bytes]) plus `v`:
+    written by `native.logpack`, or by msgpack itself for a value of a type only msgpack knows."""
+    try:
+        return pack_record(record, RECORD_FIELDS, TENSOR_FIELDS, FORMAT_VERSION)
+    except TypeError:
+        return msgpack_encode(record)
+
+
+def msgpack_encode(record: Record) -> bytes:
+    """`encode` by msgpack: the reference the native writer matches byte for byte."""
+    values: dict[str, Any] = {name: getattr(record, name) for name in RECORD_FIELDS}
+    for name in TENSOR_FIELDS:
         values[name] = [[t.name, t.datatype, t.shape, t.data] for t in values[name]]
     values["v"] = FORMAT_VERSION
-    return _PACKER.pack(values)
+    return msgpack.packb(values, use_bin_type=True)
 
 
 class RecordFormatError(ValueError):
@@ -117,10 +125,10 @@ def decode(data: bytes) -> Record:
     if version != FORMAT_VERSION:
         raise RecordFormatError(f"unknown record format version {version!r}")
     try:
-        for name in _TENSOR_FIELDS:
+        for name in TENSOR_FIELDS:
             values[name] = [Tensor(n, datatype, list(shape), raw) for n, datatype, shape, raw in values[name]]
         # A field added after a record was written takes its default (required ones must be there).
-        return Record(**{name: values[name] for name in _FIELDS if name in values})
+        return Record(**{name: values[name] for name in RECORD_FIELDS if name in values})
     except (KeyError, TypeError, ValueError) as e:
         raise RecordFormatError(f"malformed record: {e}") from e
 

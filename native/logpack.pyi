@@ -1,0 +1,3 @@
+"""Type stub of the compiled `native.logpack` (see logpack.pyx; reference: gateway.requestlog.record.msgpack_encode)."""
+
+def pack_record(record: object, fields: tuple[str, ...], tensor_fields: frozenset[str], version: int) -> bytes: ...
