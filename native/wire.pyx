@@ -15,6 +15,8 @@ from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy
 
+import operator
+
 import numpy as np
 
 from gateway.datatypes import BY_V2_NAME
@@ -50,9 +52,26 @@ cdef inline bint _varint(Reader* r, uint64_t* out) noexcept nogil:
     return False
 
 
+cdef inline bint _varint32(Reader* r, uint64_t* out) noexcept nogil:
+    """A tag or a length, as upb reads them: at most 5 bytes and at most 2**32 - 1 (else: malformed)."""
+    cdef uint64_t value = 0
+    cdef int i
+    cdef unsigned char b
+    for i in range(5):
+        if r.p >= r.end:
+            return False
+        b = r.p[0]
+        r.p += 1
+        value |= (<uint64_t>(b & 0x7F)) << (7 * i)
+        if b < 0x80:
+            out[0] = value
+            return (value >> 32) == 0
+    return False
+
+
 cdef inline bint _field(Reader* r, uint64_t* field, uint64_t* wire) noexcept nogil:
     cdef uint64_t tag
-    if not _varint(r, &tag):
+    if not _varint32(r, &tag):
         return False
     field[0] = tag >> 3
     wire[0] = tag & 7
@@ -62,7 +81,7 @@ cdef inline bint _field(Reader* r, uint64_t* field, uint64_t* wire) noexcept nog
 cdef inline bint _take(Reader* r, Reader* sub) noexcept nogil:
     """The length-delimited value at `r` as `sub`; `r` moves past it."""
     cdef uint64_t length
-    if not _varint(r, &length) or length > <uint64_t>(r.end - r.p):
+    if not _varint32(r, &length) or length > <uint64_t>(r.end - r.p):
         return False
     sub.p = r.p
     sub.end = r.p + length
@@ -152,12 +171,13 @@ cdef object _array(list tensor, bytes raw):
         if dim >= (<uint64_t>1 << MAX_ELEMENTS_LOG2) or (dim and count > ((<uint64_t>1 << MAX_ELEMENTS_LOG2) // dim)):
             return None
         count *= dim
-    if count * <uint64_t>itemsize != <uint64_t>PyBytes_GET_SIZE(raw):
+    cdef uint64_t size = PyBytes_GET_SIZE(raw)
+    if size % <uint64_t>itemsize or count != size // <uint64_t>itemsize:  # no product that could wrap
         return None
     return np.frombuffer(raw, dtype).reshape(shape)
 
 
-def decode_infer_request(bytes data):
+def decode_infer_request(bytes data not None):
     """(model_name, model_version, id, inputs, outputs, datatypes) of a common, well-formed request;
     None for any other, which the reference decodes (and refuses, if it must)."""
     cdef Reader r, value
@@ -335,18 +355,24 @@ def encode_infer_response(
     for parameter in parameters:
         size += _len_size(parameter.entry_size)
     # Per output: its metadata message, and the size of its packed shape
+    # Every attribute is read once, here: the writing below uses only these snapshots, so what it writes
+    # is exactly what was measured, whatever the outputs' attributes do when read again.
     cdef list metadata = []
     cdef Py_ssize_t tensor_size, dims_size
     cdef _Utf8 tensor_name, datatype
     cdef bytes data
+    cdef list dims
     for tensor in outputs:
         tensor_name, datatype = _Utf8(tensor.name), _Utf8(tensor.datatype)
+        dims = [int(operator.index(d)) for d in tensor.shape]  # ints only, as protobuf's int64 field
         dims_size = 0
-        for d in tensor.shape:
+        for d in dims:
             dims_size += _varint_size(<uint64_t><int64_t>d)
         tensor_size = _text_field_size(tensor_name) + _text_field_size(datatype) + (_len_size(dims_size) if dims_size else 0)
-        metadata.append((tensor_name, datatype, dims_size, tensor_size))
         data = tensor.data
+        if data is None:
+            raise TypeError(f"output {tensor.name!r}: data must be bytes, not None")
+        metadata.append((tensor_name, datatype, dims, dims_size, tensor_size, data))
         size += _len_size(tensor_size) + _len_size(PyBytes_GET_SIZE(data))
     cdef Py_ssize_t total = _len_size(size) if stream else size
     result = PyBytes_FromStringAndSize(NULL, total)
@@ -358,16 +384,17 @@ def encode_infer_response(
     w = _put_text_field(w, 0x1A, client_id)
     for parameter in parameters:
         w = parameter.put(w)
-    for tensor, (tensor_name, datatype, dims_size, tensor_size) in zip(outputs, metadata):
+    for tensor_name, datatype, dims, dims_size, tensor_size, data in metadata:
         w = _put_len_header(w, 0x2A, tensor_size)  # outputs (5)
         w = _put_text_field(w, 0x0A, tensor_name)
         w = _put_text_field(w, 0x12, datatype)
         if dims_size:
             w = _put_len_header(w, 0x1A, dims_size)
-            for d in tensor.shape:
+            for d in dims:
                 w = _put_varint(w, <uint64_t><int64_t>d)
-    for tensor in outputs:
-        data = tensor.data
+    for entry in metadata:
+        data = entry[5]
         w = _put_len(w, 0x32, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))  # raw_output_contents (6)
-    assert w == <unsigned char*>PyBytes_AS_STRING(result) + total
+    if w != <unsigned char*>PyBytes_AS_STRING(result) + total:  # not an assert: python -O drops those
+        raise SystemError("encode_infer_response: wrote a different size than it measured")
     return result

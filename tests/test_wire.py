@@ -126,6 +126,10 @@ DECLINED = {
     "an unknown field": _with(lambda r: None) + _tag(15, 0) + b"\x01",
     "invalid UTF-8 in a name": _len(1, b"\xff\xfe") + _with(lambda r: None)[3:],
     "truncated": _with(lambda r: None)[:-3],
+    # upb reads a tag or a length in at most 5 bytes (and 32 bits): longer ones are corrupt, not padding
+    "a 6-byte tag": b"\x8a\x80\x80\x80\x80\x00\x01m" + _with(lambda r: r.ClearField("model_name")),
+    "a 6-byte length": b"\x0a\x81\x80\x80\x80\x80\x00m" + _with(lambda r: r.ClearField("model_name")),
+    "a 6-byte length in an input": b"\x0a\x01m*\x11\x0a\x01x\x12\x04INT8\x1a\x81\x80\x80\x80\x80\x00\x01:\x01\x07",
 }
 
 
@@ -138,6 +142,35 @@ def test_anything_uncommon_is_left_to_the_reference(data: bytes) -> None:
         reference = None  # refused, with the reference's message
     if reference is not None:
         assert reference.model_name == "m"
+
+
+@pytest.mark.parametrize("name", ["a 6-byte tag", "a 6-byte length", "a 6-byte length in an input"])
+def test_overlong_tags_and_lengths_are_refused_as_protobuf_refuses_them(name: str) -> None:
+    with pytest.raises(InvalidArgument, match="not a valid ModelInferRequest"):
+        decode(DECLINED[name])
+
+
+def test_the_writer_reads_each_output_once() -> None:
+    class Shifty:
+        name, datatype, reads = "y", "FP32", 0
+
+        @property
+        def shape(self) -> Any:
+            return iter([1])  # an iterator: a second pass would see nothing
+
+        @property
+        def data(self) -> bytes:
+            self.reads += 1
+            return b"abcd" if self.reads == 1 else b"B" * 100_000  # a second read would overflow the buffer
+
+    reply = pb.ModelInferResponse.FromString(
+        encode(InferenceResponse("m", "1", "i", "r", [Shifty()]))  # type: ignore[list-item]
+    )
+    assert list(reply.outputs[0].shape) == [1] and reply.raw_output_contents == [b"abcd"]
+    with pytest.raises(TypeError):
+        encode(InferenceResponse("m", "1", "i", "r", [Tensor("y", "FP32", [1], None)]))  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        encode(InferenceResponse("m", "1", "i", "r", [Tensor("y", "FP32", [1.5], b"")]))  # type: ignore[list-item]
 
 
 def test_the_reference_still_names_the_mistake() -> None:
