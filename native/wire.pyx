@@ -98,18 +98,19 @@ cdef object _text(Reader* r):
 
 
 cdef bint _dims(Reader* r, uint64_t wire, list shape):
-    """One `shape` field: a packed run of dimensions or a single one (both are valid encodings)."""
+    """One `shape` field: a packed run of dimensions or a single one (both are valid encodings). False
+    as soon as the shape is deeper than MAX_RANK, so a hostile run of millions of dims is not built."""
     cdef Reader packed
     cdef uint64_t dim
     if wire == VARINT:
-        if not _varint(r, &dim) or <int64_t>dim < 0:
+        if not _varint(r, &dim) or <int64_t>dim < 0 or len(shape) >= MAX_RANK:
             return False
         shape.append(dim)
         return True
     if wire != LEN or not _take(r, &packed):
         return False
     while packed.p < packed.end:
-        if not _varint(&packed, &dim) or <int64_t>dim < 0:
+        if not _varint(&packed, &dim) or <int64_t>dim < 0 or len(shape) >= MAX_RANK:
             return False
         shape.append(dim)
     return True
@@ -162,8 +163,6 @@ cdef object _array(list tensor, bytes raw):
         return None
     dtype, itemsize = found
     cdef list shape = tensor[2]
-    if len(shape) > MAX_RANK:
-        return None
     cdef uint64_t count = 1
     cdef uint64_t dim
     for d in shape:

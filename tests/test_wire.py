@@ -123,6 +123,13 @@ DECLINED = {
             r.raw_input_contents.__setitem__(0, b""),
         )
     ),
+    "a shape deeper than 32 dimensions": _with(
+        lambda r: (
+            r.inputs[0].ClearField("shape"),
+            r.inputs[0].shape.extend([1] * 33),
+            r.raw_input_contents.__setitem__(0, b"\0" * 4),
+        )
+    ),
     "an unknown field": _with(lambda r: None) + _tag(15, 0) + b"\x01",
     "invalid UTF-8 in a name": _len(1, b"\xff\xfe") + _with(lambda r: None)[3:],
     "truncated": _with(lambda r: None)[:-3],
