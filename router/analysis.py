@@ -74,10 +74,13 @@ class Thresholds:
         for name in ("max_error_rate_delta", "max_ood_rate_delta", "min_agreement"):
             if not 0 <= getattr(self, name) <= 1:
                 raise InvalidArgument(f"{name}: {getattr(self, name)!r} must be in [0, 1]")
-        if not self.p99_slack_ms >= 0:
-            raise InvalidArgument(f"p99_slack_ms: {self.p99_slack_ms!r} is negative")
-        if not self.max_p99_ratio >= 1:
-            raise InvalidArgument(f"max_p99_ratio: {self.max_p99_ratio!r}; a ratio below 1 fails equal latencies")
+        # Finite: an infinite limit would switch the latency gate off without saying so.
+        if not 0 <= self.p99_slack_ms < math.inf:
+            raise InvalidArgument(f"p99_slack_ms: {self.p99_slack_ms!r} must be a finite number >= 0")
+        if not 1 <= self.max_p99_ratio < math.inf:
+            raise InvalidArgument(
+                f"max_p99_ratio: {self.max_p99_ratio!r} must be finite and at least 1 (below 1 fails equal latencies)"
+            )
         if not isinstance(self.min_labelled, int) or self.min_labelled < 1:
             raise InvalidArgument(f"min_labelled: {self.min_labelled!r}; at least 1 labelled request per side")
         for name in ("accuracy_not_worse_by", "max_equal_opportunity_gap_increase"):

@@ -235,6 +235,7 @@ class RolloutStore:
     def __init__(self, path: str | Path, map_size: int = 1 << 28) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
         self._lock_path = Path(path) / "rollouts.lock"
+        self._path = path
         self._env = lmdb.open(str(path), map_size=map_size, max_dbs=2)
         self._db = self._env.open_db(b"rollouts")
         self._meta = self._env.open_db(b"meta")
@@ -262,8 +263,25 @@ class RolloutStore:
         return 0 if value is None else int.from_bytes(value, "big")
 
     def load(self) -> list[Rollout]:
+        """Every stored rollout this version can read. One it cannot (saved by an older version that
+        accepted values now refused, a NaN duration or an infinite threshold, say) is logged and left
+        out: it must not stop the others, nor the gateway, from loading."""
+        loaded = []
         with self._env.begin() as txn:
-            return [Rollout.from_dict(msgpack.unpackb(value)) for _, value in txn.cursor(db=self._db)]
+            for key, value in txn.cursor(db=self._db):
+                try:
+                    loaded.append(Rollout.from_dict(msgpack.unpackb(value)))
+                except (GatewayError, KeyError, TypeError, ValueError) as e:
+                    log.error(
+                        "rollout #%d in %s cannot be read, left out: %s", int.from_bytes(key, "big"), self._path, e
+                    )
+        return loaded
+
+    def last_id(self) -> int:
+        """The highest id stored, readable or not (0: none), so that a new rollout never takes an old one's."""
+        with self._env.begin() as txn:
+            cursor = txn.cursor(db=self._db)
+            return int.from_bytes(cursor.key(), "big") if cursor.last() else 0
 
     def close(self) -> None:
         self._env.close()
@@ -404,7 +422,7 @@ class RolloutManager:
             restore = dataclasses.replace(route, shadows=tuple(s for s in route.shadows if s[0] != plan.candidate))
             now_ns = self._now_ns()
             rollout = Rollout(
-                id=max(self._rollouts, default=0) + 1,
+                id=max(max(self._rollouts, default=0), self._store.last_id()) + 1,
                 plan=plan,
                 baseline=baseline,
                 started_by=who,

@@ -32,7 +32,7 @@ DEFAULT_OVERRIDE_ROLES: frozenset[Role] = frozenset({"operator"})
 _VERSION = re.compile(r"[^\s=]+")
 _METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
 _PARAMETER = re.compile(r"\S+")
-_PERCENT = re.compile(r"(\d{1,3})(?:\.(\d{1,2}))?")
+_PERCENT = re.compile(r"([0-9]{1,3})(?:\.([0-9]{1,2}))?")  # ASCII digits: \d also matches "١٠"
 
 
 def version_order(version: str) -> tuple[int, str]:

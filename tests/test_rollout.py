@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import lmdb
+import msgpack
 import numpy as np
 import pytest
 from conftest import GatewayProcess
@@ -253,6 +255,35 @@ def test_restart_mid_rollout_resumes_it(models: Path, tmp_path: Path) -> None:
         assert "resuming step 2/3 (50%) with a new window" in gateway.log
     finally:
         assert gateway.stop() == 0, gateway.log
+
+
+def test_a_stored_rollout_this_version_cannot_read_is_left_out_not_fatal(models: Path, tmp_path: Path) -> None:
+    """A rollout saved by an older version with a value now refused (an infinite p99 ratio) neither stops
+    the gateway from starting nor gives its id to the next rollout."""
+    gateway = GatewayProcess(models, CONFIG, tmp_path)
+    gateway.wait_ready()
+    ops = Admin(gateway)
+    ops.start("restarted", interval_s=600.0)
+    ops.AbortRollout(admin.RolloutActionRequest(model="restarted", reason="to store one and stop"))
+    assert gateway.stop() == 0, gateway.log
+    env = lmdb.open(str(gateway.state_dir / "rollouts"), max_dbs=2)
+    with env.begin(write=True) as txn:
+        stored = txn.get((1).to_bytes(8, "big"), db=env.open_db(b"rollouts", txn=txn))
+        old = msgpack.unpackb(stored)
+        old["plan"]["thresholds"]["max_p99_ratio"] = math.inf  # what the gate accepted before
+        txn.put((1).to_bytes(8, "big"), msgpack.packb(old), db=env.open_db(b"rollouts", txn=txn))
+    env.close()
+    gateway = GatewayProcess(models, CONFIG, tmp_path)  # the same state directory
+    try:
+        gateway.wait_ready()
+        ops = Admin(gateway)
+        with pytest.raises(grpc.RpcError) as missing:
+            ops.rollout("restarted")
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        assert ops.start("restarted", interval_s=600.0).id == 2
+    finally:
+        assert gateway.stop() == 0, gateway.log
+    assert "rollout #1 in" in gateway.log and "cannot be read, left out" in gateway.log
 
 
 def test_pause_resume_promote_and_abort_do_what_they_say_and_are_logged(gw: GatewayProcess) -> None:

@@ -159,7 +159,16 @@ def test_plans_are_validated(fields: dict[str, object], message: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "fields", [{"min_requests": 0}, {"confidence": 1.0}, {"max_p99_ratio": 0.9}, {"min_agreement": 1.5}]
+    "fields",
+    [
+        {"min_requests": 0},
+        {"confidence": 1.0},
+        {"max_p99_ratio": 0.9},
+        {"min_agreement": 1.5},
+        {"max_p99_ratio": math.inf},  # would switch the latency gate off
+        {"p99_slack_ms": math.inf},
+        {"p99_slack_ms": math.nan},
+    ],
 )
 def test_thresholds_are_validated(fields: dict[str, float]) -> None:
     with pytest.raises(InvalidArgument):

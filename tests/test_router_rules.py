@@ -40,6 +40,7 @@ def test_parse_split_reads_percentages_with_two_decimals_as_basis_points() -> No
         ("1", "'1'"),
         ("1=101", "101% is above 100%"),
         ("1=-5", "'-5'"),
+        ("1=\u0661\u0660", "'\u0661\u0660'"),  # Arabic-Indic digits: a regex's \d reads them as 10
         ("", "empty"),
     ],
 )
