@@ -363,7 +363,7 @@ def encode_infer_response(
     cdef list dims
     for tensor in outputs:
         tensor_name, datatype = _Utf8(tensor.name), _Utf8(tensor.datatype)
-        dims = [int(operator.index(d)) for d in tensor.shape]  # ints only, as protobuf's int64 field
+        dims = [operator.index(d) for d in tensor.shape]  # ints only, as protobuf's int64 field
         dims_size = 0
         for d in dims:
             dims_size += _varint_size(<uint64_t><int64_t>d)

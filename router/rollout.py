@@ -422,7 +422,7 @@ class RolloutManager:
             restore = dataclasses.replace(route, shadows=tuple(s for s in route.shadows if s[0] != plan.candidate))
             now_ns = self._now_ns()
             rollout = Rollout(
-                id=max(max(self._rollouts, default=0), self._store.last_id()) + 1,
+                id=self._store.last_id() + 1,  # every rollout is stored at its start, readable or not
                 plan=plan,
                 baseline=baseline,
                 started_by=who,
