@@ -25,7 +25,6 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -95,7 +94,9 @@ class MicroBatcher:
         self._queue: list[_Pending] = []
         self._queued_rows = 0
         self._timer: asyncio.TimerHandle | None = None
-        self._busy = False  # a threaded run is in progress
+        self._busy = False  # the model thread is draining the queue
+        self._lock = threading.Lock()  # the queue and _busy, shared with the model thread
+        self._closing = False
         self._batching = False
         self._target = 2
         self._empty_waits = 0
@@ -136,21 +137,24 @@ class MicroBatcher:
         """`run` for the request path: the outputs when they were computed at once (inline, nothing queued),
         else a future of them. No coroutine of its own: each one a request awaits through costs it a
         frame to resume when its batch is done."""
-        starting = not self._queue
-        wait = starting and rows < self._max_rows and self._should_wait()
-        if starting and not wait and self.inline:
+        with self._lock:  # a model thread takes from the queue while it drains it
+            starting = not self._queue
+            wait = starting and rows < self._max_rows and self._should_wait()
+            run_now = starting and not wait and self._executor is None
+            if not run_now:
+                pending = _Pending(feeds, rows, asyncio.get_running_loop().create_future(), deadline)
+                self._queue.append(pending)
+                self._queued_rows += rows
+                if self._busy:
+                    return pending.future  # the model thread takes it when its run ends
+                full = not starting and self._queued_rows >= min(self._target, self._max_rows)
+        if run_now:
             return self._execute_now(feeds, rows)
-        loop = asyncio.get_running_loop()
-        pending = _Pending(feeds, rows, loop.create_future(), deadline)
-        self._queue.append(pending)
-        self._queued_rows += rows
-        if self._busy:
-            pass  # the running batch flushes the queue when it finishes
-        elif starting and not wait:
+        if starting and not wait:
             self._flush()
         elif starting:
-            self._timer = loop.call_later(self._max_wait_s, self._on_timeout)
-        elif self._queued_rows >= min(self._target, self._max_rows):
+            self._timer = asyncio.get_running_loop().call_later(self._max_wait_s, self._on_timeout)
+        elif full:
             self._batching, self._empty_waits = True, 0
             self._batches += 1
             if self._batches >= self._explore_after:
@@ -194,17 +198,19 @@ class MicroBatcher:
         self._stats.record_execution(rows, time.perf_counter_ns() - start, ok=True)
         return outputs
 
-    def _take_batch(self) -> list[_Pending]:
-        """Pop the oldest requests that share trailing shapes, up to the row limit; drop the requests
-        that nobody waits for any more (deadline passed, caller gone). The batch may be empty."""
+    def _take_batch(self) -> tuple[list[_Pending], list[_Pending]]:
+        """Pop the oldest requests that share trailing shapes, up to the row limit, and those nobody waits
+        for any more (deadline passed, caller gone), to be answered on the loop. Under `_lock`. The batch
+        is empty only when the queue is now empty."""
         now = time.monotonic()
         batch: list[_Pending] = []
+        expired: list[_Pending] = []
         rest: list[_Pending] = []
         rows = 0
         for p in self._queue:
             if p.future.done() or (p.deadline is not None and p.deadline <= now):
                 self._queued_rows -= p.rows
-                self._expire(p, now)
+                expired.append(p)
             elif not batch or (p.key == batch[0].key and rows + p.rows <= self._max_rows):
                 batch.append(p)
                 rows += p.rows
@@ -212,53 +218,71 @@ class MicroBatcher:
                 rest.append(p)
         self._queue = rest
         self._queued_rows -= rows
-        return batch
+        return batch, expired
 
-    def _expire(self, pending: _Pending, now: float) -> None:
-        if pending.future.done():  # cancelled: the caller's handler is gone
-            return
-        waited_ms = (time.perf_counter_ns() - pending.queued_ns) / 1e6
-        late_ms = (now - pending.deadline) * 1e3 if pending.deadline is not None else 0.0
-        pending.future.set_exception(
-            DeadlineExceeded(
-                f"deadline: passed while queued for {self._label or 'the model'} "
-                f"(queued {waited_ms:.1f} ms, {late_ms:.1f} ms late); not run",
-                limit="deadline",
+    def _expire(self, expired: list[_Pending]) -> None:
+        now = time.monotonic()
+        for pending in expired:
+            if pending.future.done():  # cancelled: the caller's handler is gone
+                continue
+            waited_ms = (time.perf_counter_ns() - pending.queued_ns) / 1e6
+            late_ms = (now - pending.deadline) * 1e3 if pending.deadline is not None else 0.0
+            pending.future.set_exception(
+                DeadlineExceeded(
+                    f"deadline: passed while queued for {self._label or 'the model'} "
+                    f"(queued {waited_ms:.1f} ms, {late_ms:.1f} ms late); not run",
+                    limit="deadline",
+                )
             )
-        )
 
     def _flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._busy:
-            return  # the running batch flushes the queue when it finishes
-        while self._queue:
-            batch = self._take_batch()
+        while True:
+            with self._lock:
+                if self._busy:
+                    return  # the model thread takes the queue when its run ends
+                batch, expired = self._take_batch()
+                closing = self._closing
+                self._busy = bool(batch) and self._executor is not None and not closing
+            self._expire(expired)
             if not batch:
-                continue  # every queued request had expired
+                return
             if self._executor is None:
                 self._complete(batch, self._execute_batch(batch))
-            else:
-                loop = asyncio.get_running_loop()
+                continue
+            if not closing:
                 try:
-                    job = loop.run_in_executor(self._executor, self._execute_batch, batch)
-                except RuntimeError as e:  # closed (version freed, gateway stopping): nothing will run them
-                    closed = Unavailable(f"{self._label or 'the model'} is shut down; not run: {e}")
-                    self._complete(batch, [closed for _ in batch])
-                    continue
-                self._busy = True
-                job.add_done_callback(self._threaded_done(batch))
+                    self._executor.submit(self._drain, batch, asyncio.get_running_loop())
+                    return
+                except RuntimeError:  # the executor is shut down (the interpreter is exiting)
+                    with self._lock:
+                        self._busy = False
+            closed = Unavailable(f"{self._label or 'the model'} is shut down; not run")
+            self._complete(batch, [closed for _ in batch])
+
+    def _drain(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+        """On the model thread: run `batch`, then whatever queued meanwhile, back to back. The model does
+        not wait for the event loop between runs: under overload the loop is busy refusing calls, and a
+        run it had to start would wait behind all of them."""
+        while batch:
+            results = self._execute_batch(batch)
+            with self._lock:
+                following, expired = ([], []) if self._closing else self._take_batch()
+                self._busy = bool(following)
+            try:
+                loop.call_soon_threadsafe(self._finish, batch, results, expired)
+            except RuntimeError:  # the loop is closed: nobody is left to answer
                 return
+            batch = following
 
-    def _threaded_done(self, batch: list[_Pending]) -> Callable[[asyncio.Future[_Results]], None]:
-        def done(job: asyncio.Future[_Results]) -> None:
-            self._busy = False
-            self._complete(batch, job.result())
-            if self._queue:
-                self._flush()
-
-        return done
+    def _finish(self, batch: list[_Pending], results: _Results, expired: list[_Pending]) -> None:
+        """On the loop: answer a batch the model thread ran (and those that expired while it ran)."""
+        self._complete(batch, results)
+        self._expire(expired)
+        if self._closing and self._queue:
+            self._flush()  # refuses what the model thread left when the batcher closed
 
     def _execute_batch(self, batch: list[_Pending]) -> _Results:
         """Each request's outputs or error; never raises, so no caller of the batch is left waiting."""
@@ -313,5 +337,8 @@ class MicroBatcher:
                 pending.future.set_result(result)
 
     def close(self) -> None:
+        """Finish the running batch; what is still queued is refused (UNAVAILABLE), not run."""
+        with self._lock:
+            self._closing = True
         if self._executor is not None:
             self._executor.shutdown(wait=True)

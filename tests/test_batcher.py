@@ -141,4 +141,33 @@ def test_requests_queued_when_the_batcher_closes_are_refused(tmp_path: Path) -> 
     running, queued = asyncio.run(main())
     assert isinstance(running, list), running
     assert isinstance(queued, Unavailable), queued
-    assert "model 's' version '1' is shut down" in queued.message and "after shutdown" in queued.message
+    assert "model 's' version '1' is shut down; not run" in queued.message
+
+
+def test_model_thread_runs_queued_batches_while_the_event_loop_is_busy(tmp_path: Path) -> None:
+    """Under overload the loop is busy refusing calls: the model thread must not wait for it to start the
+    next queued batch. Here the loop is blocked outright, and all three queued runs still happen."""
+    path = tmp_path / "slow.onnx"
+    onnx.save(helper.make_model(slow_identity_graph(), opset_imports=OPSET, ir_version=8), str(path))
+    stats = VersionStats()
+    batcher = MicroBatcher(OnnxModel(path, 1, 1), stats, max_batch_size=1, max_batch_wait_us=0, inline=False)
+    x = np.ones((1, 64), dtype=np.float32)
+
+    async def main() -> tuple[int, list[object]]:
+        calls = [asyncio.ensure_future(batcher.run({"x": x}, 1)) for _ in range(3)]
+        await asyncio.sleep(0)  # all three submitted: one running, two queued
+        give_up = time.monotonic() + 30
+        while stats.execution_count < 3 and time.monotonic() < give_up:
+            time.sleep(0.01)  # blocks the event loop: nothing it would schedule can run
+        runs_while_blocked = stats.execution_count
+        return runs_while_blocked, await asyncio.gather(*calls, return_exceptions=True)
+
+    try:
+        runs_while_blocked, results = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert runs_while_blocked == 3
+    for result in results:
+        assert isinstance(result, list), result
+        np.testing.assert_array_equal(result[0], x)
+    assert stats.batch_sizes.keys() == {1}
