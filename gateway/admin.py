@@ -321,7 +321,7 @@ class AdminServicer:
 
     # --- viewer ---------------------------------------------------------------------------------
 
-    @refusals_answered(pb.GetRoutesResponse)
+    @refusals_answered
     async def GetRoutes(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._caller(context, "viewer", "GetRoutes")
         models = [request.model] if request.model else sorted(self._repository.models)
@@ -335,7 +335,7 @@ class AdminServicer:
         if model and model not in self._repository.models:
             raise NotFound(f"model: unknown model {model!r}")
 
-    @refusals_answered(pb.HistoryResponse)
+    @refusals_answered
     async def History(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._caller(context, "viewer", "History")
         self._known(request.model)
@@ -344,7 +344,7 @@ class AdminServicer:
         limit = request.limit or len(entries)
         return pb.HistoryResponse(entries=[_entry(e) for e in entries[-limit:]])
 
-    @refusals_answered(pb.AgreementResponse)
+    @refusals_answered
     async def Agreement(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._caller(context, "viewer", "Agreement")
         self._known(request.model)
@@ -364,7 +364,7 @@ class AdminServicer:
         ]
         return pb.AgreementResponse(stats=stats)
 
-    @refusals_answered(pb.GetStatusResponse)
+    @refusals_answered
     async def GetStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._caller(context, "viewer", "GetStatus")
         self._known(request.model)
@@ -409,7 +409,7 @@ class AdminServicer:
             status_of.requests = sum(c.requests for (_, _, role), c in worker.counts.items() if role == "primary")
         return response
 
-    @refusals_answered(pb.GetDriftResponse)
+    @refusals_answered
     async def GetDrift(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._caller(context, "viewer", "GetDrift")
         self._known(request.model, required=True)
@@ -419,7 +419,7 @@ class AdminServicer:
             response.versions.append(_version_drift(version, others))
         return response
 
-    @refusals_answered(pb.ListModelsResponse)
+    @refusals_answered
     async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._caller(context, "viewer", "ListModels")
         self._known(request.model)
@@ -440,7 +440,7 @@ class AdminServicer:
             raise InvalidArgument(f"reason: required; say why you {action.lower()}")
         return identity
 
-    @refusals_answered(pb.ModelChangeResponse)
+    @refusals_answered
     async def LoadModel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         identity = self._model_change(request, context, "LoadModel")
         version, entry = await self._lifecycle.load(
@@ -455,7 +455,7 @@ class AdminServicer:
             entry=_entry(entry), version=version_info(version, self._lifecycle.in_use(version))
         )
 
-    @refusals_answered(pb.ModelChangeResponse)
+    @refusals_answered
     async def UnloadModel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         identity = self._model_change(request, context, "UnloadModel")
         version, entry = await self._lifecycle.unload(
@@ -463,7 +463,7 @@ class AdminServicer:
         )
         return pb.ModelChangeResponse(entry=_entry(entry), version=version_info(version, ""))
 
-    @refusals_answered(pb.GetLogRecordsResponse)
+    @refusals_answered
     async def GetLogRecords(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._caller(context, "viewer", "GetLogRecords")
         response = pb.GetLogRecordsResponse()
@@ -478,8 +478,7 @@ class AdminServicer:
         try:
             self._caller(context, "viewer", "QueryLog")
         except GatewayError as e:
-            reject(context, "Admin.QueryLog", e)
-            return
+            await reject(context, "Admin.QueryLog", e)
         r = request
         query = Query(
             r.model or None,
@@ -496,7 +495,7 @@ class AdminServicer:
                 break
             yield pb.LogRecord(msgpack=encode(record))
 
-    @refusals_answered(pb.WhoAmIResponse)
+    @refusals_answered
     async def WhoAmI(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         identity = self._caller(context, "viewer", "WhoAmI")
         return pb.WhoAmIResponse(name=identity.name, role=identity.role)
@@ -515,30 +514,30 @@ class AdminServicer:
             lambda who: self._replace(request.model, who, request.reason, action, **fields()),
         )
 
-    @refusals_answered(pb.ChangeResponse)
+    @refusals_answered
     async def SetSplit(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._set(context, request, "split", lambda: {"split": _weights(request.split)})
 
-    @refusals_answered(pb.ChangeResponse)
+    @refusals_answered
     async def SetSticky(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         key = request.sticky_key
         return await self._set(
             context, request, "sticky", lambda: {"sticky_key": StickyKey.parse(key) if key else None}
         )
 
-    @refusals_answered(pb.ChangeResponse)
+    @refusals_answered
     async def SetShadows(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._set(context, request, "shadow", lambda: {"shadows": _weights(request.shadows)})
 
-    @refusals_answered(pb.ChangeResponse)
+    @refusals_answered
     async def SetPinPolicy(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._set(context, request, "pin", lambda: {"allow_pinning": request.allow_pinning})
 
-    @refusals_answered(pb.ChangeResponse)
+    @refusals_answered
     async def SetOverrideRoles(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._set(context, request, "override", lambda: {"override_roles": frozenset(request.roles)})
 
-    @refusals_answered(pb.ChangeResponse)
+    @refusals_answered
     async def Promote(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         r = request
         return await self._change(
@@ -549,7 +548,7 @@ class AdminServicer:
             lambda who: self._routes.promote(r.model, r.version, who=who.name, why=r.reason),
         )
 
-    @refusals_answered(pb.ChangeResponse)
+    @refusals_answered
     async def Rollback(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         r = request
         return await self._change(
@@ -562,13 +561,13 @@ class AdminServicer:
 
     # --- rollouts: viewer reads, operator acts ---------------------------------------------------------
 
-    @refusals_answered(pb.RolloutResponse)
+    @refusals_answered
     async def GetRollout(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._caller(context, "viewer", "GetRollout")
         self._known(request.model, required=True)
         return self._rollout_response(self._rollouts.get(request.model))
 
-    @refusals_answered(pb.ListRolloutsResponse)
+    @refusals_answered
     async def ListRollouts(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._caller(context, "viewer", "ListRollouts")
         self._known(request.model)
@@ -586,7 +585,7 @@ class AdminServicer:
             raise InvalidArgument(f"reason: required; say why you {action} the rollout")
         return identity
 
-    @refusals_answered(pb.RolloutResponse)
+    @refusals_answered
     async def StartRollout(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         identity = self._rollout_action(context, request, "start")
         rollout = self._rollouts.start(_plan(request), who=identity.name, why=request.reason)
@@ -598,19 +597,19 @@ class AdminServicer:
         operate = getattr(self._rollouts, action)
         return self._rollout_response(operate(request.model, who=identity.name, why=request.reason))
 
-    @refusals_answered(pb.RolloutResponse)
+    @refusals_answered
     async def PauseRollout(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return self._operate(context, request, "pause")
 
-    @refusals_answered(pb.RolloutResponse)
+    @refusals_answered
     async def ResumeRollout(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return self._operate(context, request, "resume")
 
-    @refusals_answered(pb.RolloutResponse)
+    @refusals_answered
     async def AbortRollout(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return self._operate(context, request, "abort")
 
-    @refusals_answered(pb.RolloutResponse)
+    @refusals_answered
     async def PromoteRollout(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return self._operate(context, request, "promote")
 
@@ -627,7 +626,7 @@ class AdminServicer:
             raise FailedPrecondition(NO_REQUEST_LOG)
         return self._feedback
 
-    @refusals_answered(pb.SubmitFeedbackResponse)
+    @refusals_answered
     async def SubmitFeedback(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._caller(context, "operator", f"SubmitFeedback for {request.model!r}")
         self._known(request.model, required=True)
@@ -647,7 +646,7 @@ class AdminServicer:
             ],
         )
 
-    @refusals_answered(pb.GetQualityResponse)
+    @refusals_answered
     async def GetQuality(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._caller(context, "viewer", "GetQuality")
         self._known(request.model, required=True)
@@ -670,19 +669,19 @@ class AdminServicer:
 
     # --- admin ------------------------------------------------------------------------------------
 
-    @refusals_answered(pb.CreateTokenResponse)
+    @refusals_answered
     async def CreateToken(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._caller(context, "admin", "CreateToken")
         token = self._tokens.create(request.role, request.name)
         return pb.CreateTokenResponse(token=token)
 
-    @refusals_answered(pb.RevokeTokenResponse)
+    @refusals_answered
     async def RevokeToken(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._caller(context, "admin", "RevokeToken")
         self._tokens.revoke(request.name)
         return pb.RevokeTokenResponse()
 
-    @refusals_answered(pb.ListTokensResponse)
+    @refusals_answered
     async def ListTokens(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._caller(context, "admin", "ListTokens")
         return pb.ListTokensResponse(

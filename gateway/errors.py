@@ -34,6 +34,12 @@ class FailedPrecondition(GatewayError):
 class ResourceExhausted(GatewayError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
+    def __init__(self, message: str, limit: str | None = None, retry_after_ms: int | None = None) -> None:
+        super().__init__(message, limit)
+        # When a retry may succeed: sent as gRPC's `grpc-retry-pushback-ms`, which clients with a retry
+        # policy obey (gRFC A6) instead of retrying at once into the same full queue.
+        self.retry_after_ms = retry_after_ms
+
 
 class DeadlineExceeded(GatewayError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 import secrets
 import time
@@ -212,13 +213,20 @@ def _admit(version: ModelVersion) -> None:
             f"model {version.name!r} version {version.version!r}: max_queue reached ({queue_limit} requests "
             "waiting for the model); try again later",
             limit="max_queue",
+            retry_after_ms=_one_run_ms(version),
         )
     if serving.max_in_flight and version.in_flight >= serving.max_in_flight:
         raise ResourceExhausted(
             f"model {version.name!r} version {version.version!r}: max_in_flight reached "
             f"({serving.max_in_flight} requests in flight); try again later",
             limit="max_in_flight",
+            retry_after_ms=_one_run_ms(version),
         )
+
+
+def _one_run_ms(version: ModelVersion) -> int:
+    """A full queue moves by one batch per run: a retry after one run's time may find room."""
+    return max(1, math.ceil(version.stats.mean_run_ms()))
 
 
 class InferenceService:
@@ -301,12 +309,15 @@ class InferenceService:
         deadline = request.deadline
         try:
             caller = request.caller
-            if caller is not None and self._rate_limiter is not None and not self._rate_limiter.allow(caller.name):
-                raise ResourceExhausted(
-                    f"caller {caller.name!r} is over its rate limit of {self._rate_limiter.rate_per_s:g} "
-                    f"requests/s (burst {self._rate_limiter.burst:g}); try again later",
-                    limit="rate_limit",
-                )
+            if caller is not None and self._rate_limiter is not None:
+                wait_s = self._rate_limiter.take(caller.name)
+                if wait_s:
+                    raise ResourceExhausted(
+                        f"caller {caller.name!r} is over its rate limit of {self._rate_limiter.rate_per_s:g} "
+                        f"requests/s (burst {self._rate_limiter.burst:g}); try again later",
+                        limit="rate_limit",
+                        retry_after_ms=max(1, math.ceil(wait_s * 1000)),
+                    )
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded(
                     "deadline: passed before the gateway began to process the request; not run", limit="deadline"

@@ -21,17 +21,17 @@ class RateLimiter:
         self.burst = float(burst or max(1, math.ceil(rate_per_s)))
         self._buckets: dict[str, list[float]] = {}  # caller -> [tokens, monotonic time of the last refill]
 
-    def allow(self, caller: str) -> bool:
-        """Take a token from `caller`'s bucket; False when it is empty."""
+    def take(self, caller: str) -> float:
+        """Take a token from `caller`'s bucket: 0.0 if there was one, else the seconds until there is."""
         now = time.monotonic()
         bucket = self._buckets.get(caller)
         if bucket is None:
             self._buckets[caller] = [self.burst - 1.0, now]
-            return True
+            return 0.0
         tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate_per_s)
         bucket[1] = now
         if tokens < 1.0:
             bucket[0] = tokens
-            return False
+            return (1.0 - tokens) / self.rate_per_s
         bucket[0] = tokens - 1.0
-        return True
+        return 0.0

@@ -13,13 +13,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
 from gateway.auth import Identity, TokenStore, require
 from gateway.codec import decode, encode, named
-from gateway.errors import GatewayError, InvalidArgument, NotFound, Unauthenticated
+from gateway.errors import GatewayError, InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
 from gateway.inference import InferenceService
 from gateway.lifecycle import ModelLifecycle
 from gateway.protocol import inference as pb
@@ -43,34 +43,38 @@ def _server_version() -> str:
         return "unknown"
 
 
-def reject(context: grpc.aio.ServicerContext, method: str, error: GatewayError) -> None:
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRFC A6: how long a retrying client waits
+
+
+async def reject(context: grpc.aio.ServicerContext, method: str, error: GatewayError) -> NoReturn:
+    """End the call with `error`'s status (raises). Aborting sends a trailers-only answer: no headers or
+    message first, which would commit the call, so a client's gRPC retry policy may retry it."""
     # A refusal by a limit gets no line of its own: under overload that would be a line per shed request,
     # written when CPU is scarcest; each is in the request log and counted by model and limit.
     if error.limit is None:
         log.info("%s rejected with %s: %s", method, error.code.name, error.message)
-    context.set_code(error.code)
-    context.set_details(error.message)
+    trailers: tuple[tuple[str, str], ...] = ()
+    if isinstance(error, ResourceExhausted) and error.retry_after_ms is not None:
+        trailers = ((RETRY_PUSHBACK_KEY, str(error.retry_after_ms)),)
+    await context.abort(error.code, error.message, trailers)
+    raise AssertionError("grpc.aio's abort raises")  # its type stubs do not say so
 
 
 Rpc = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
-def refusals_answered(empty: Callable[[], Any]) -> Callable[[Rpc], Rpc]:
-    """For an RPC method: a GatewayError it raises becomes the call's status and message, answered
-    with an empty `empty()` message. (ModelInfer, the hot path, handles its errors inline.)"""
+def refusals_answered(method: Rpc) -> Rpc:
+    """For an RPC method: a GatewayError it raises becomes the call's status and message.
+    (ModelInfer, the hot path, handles its errors inline.)"""
 
-    def wrap(method: Rpc) -> Rpc:
-        @functools.wraps(method)
-        async def rpc(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                return await method(self, request, context)
-            except GatewayError as e:
-                reject(context, method.__name__, e)
-                return empty()
+    @functools.wraps(method)
+    async def rpc(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except GatewayError as e:
+            await reject(context, method.__name__, e)
 
-        return rpc
-
-    return wrap
+    return rpc
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -120,7 +124,7 @@ class InferenceServicer:
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._repository.ready)
 
-    @refusals_answered(pb.ModelReadyResponse)
+    @refusals_answered
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
@@ -131,7 +135,7 @@ class InferenceServicer:
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=EXTENSIONS)
 
-    @refusals_answered(pb.ModelMetadataResponse)
+    @refusals_answered
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
@@ -145,14 +149,14 @@ class InferenceServicer:
             outputs=[_tensor_metadata(s) for s in version.model.outputs],
         )
 
-    @refusals_answered(pb.ModelConfigResponse)
+    @refusals_answered
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
         version = self._repository.get_ready(request.name, request.version)
         return pb.ModelConfigResponse(config=_model_config(version))
 
-    @refusals_answered(pb.ModelStatisticsResponse)
+    @refusals_answered
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
@@ -180,15 +184,13 @@ class InferenceServicer:
             headers = dict(context.invocation_metadata() or ())
             decoded.caller = self._caller(headers, context)
         except GatewayError as e:
-            reject(context, "ModelInfer", await self._log_unprocessed(data, e))
-            return b""
+            await reject(context, "ModelInfer", await self._log_unprocessed(data, e))
         decoded.headers = headers
         decoded.deadline = _deadline(context)
         try:
             response = await self._service.infer(decoded)
         except GatewayError as e:
-            reject(context, "ModelInfer", e)
-            return b""
+            await reject(context, "ModelInfer", e)
         return encode(response)
 
     async def ModelStreamInfer(
@@ -235,7 +237,7 @@ class InferenceServicer:
         require(identity, "admin", action)
         return identity
 
-    @refusals_answered(pb.RepositoryIndexResponse)
+    @refusals_answered
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
@@ -251,7 +253,7 @@ class InferenceServicer:
                     response.models.add(name=name, version=version, state=state, reason=reason)
         return response
 
-    @refusals_answered(pb.RepositoryModelLoadResponse)
+    @refusals_answered
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
@@ -267,7 +269,7 @@ class InferenceServicer:
                 await self._lifecycle.load(request.model_name, version, who=identity.name, why=why)
         return pb.RepositoryModelLoadResponse()
 
-    @refusals_answered(pb.RepositoryModelUnloadResponse)
+    @refusals_answered
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:

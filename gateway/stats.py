@@ -110,6 +110,7 @@ class VersionStats:
         self.last_inference_ms = 0
         self.inference_count = 0  # rows answered
         self.execution_count = 0  # onnxruntime runs
+        self.ok_runs = Duration()  # the runs that succeeded, whatever their batch size
         self.success = Duration()
         self.fail = Duration()
         # Per request, as Triton counts them (perf_analyzer requires equal counts): time queued
@@ -125,6 +126,11 @@ class VersionStats:
         self.execution_count += 1
         if ok:
             self.batch_sizes.setdefault(rows, Duration()).add(ns)
+            self.ok_runs.add(ns)
+
+    def mean_run_ms(self) -> float:
+        """How long a run has taken on average (0 before the first)."""
+        return self.ok_runs.ns / self.ok_runs.count / 1e6 if self.ok_runs.count else 0.0
 
     def record_compute(self, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         self.queue.add(queue_ns)

@@ -6,6 +6,7 @@ instead of letting latency grow, stays healthy and recovers."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +26,7 @@ from gateway.protocol import Stub
 from gateway.protocol import inference as pb
 from gateway.ratelimit import RateLimiter
 from gateway.requestlog.reader import LogReader
+from gateway.servicer import RETRY_PUSHBACK_KEY
 
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
@@ -173,6 +175,9 @@ def test_requests_beyond_a_versions_bound_are_refused_and_the_rest_answered(
     assert codes.count(grpc.StatusCode.OK) >= at_least_admitted
     assert refused and codes.count(grpc.StatusCode.OK) + len(refused) == len(ids), codes
     assert f"model '{model}' version '1': {limit} reached" in refused[0].details()
+    for refusal in refused:  # a client with a gRPC retry policy waits about one run before retrying
+        pushback = dict(refusal.trailing_metadata())[RETRY_PUSHBACK_KEY]
+        assert pushback.isdigit() and 1 <= int(pushback) < 1000, pushback
     for request_id, code in zip(ids, codes, strict=True):
         (record,) = _records(gateway, request_id)
         assert record.status == code.value[0]
@@ -214,7 +219,7 @@ def test_rate_limits_are_per_caller(gateway: GatewayProcess) -> None:
                 assert e.code() == grpc.StatusCode.UNAUTHENTICATED and time.monotonic() < deadline
                 time.sleep(0.2)
         outcomes: list[grpc.StatusCode] = []
-        refusal = ""
+        refusal, pushback = "", ""
         for i in range(8):  # burst 3 at 1 request/s: most of these are refused
             try:
                 stub.ModelInfer(
@@ -224,6 +229,7 @@ def test_rate_limits_are_per_caller(gateway: GatewayProcess) -> None:
             except grpc.RpcError as e:
                 outcomes.append(e.code())
                 refusal = e.details()
+                pushback = dict(e.trailing_metadata())[RETRY_PUSHBACK_KEY]
         bob_more = stub.ModelInfer(
             _request("sized", "bob-1", shape=[1, 4]), metadata=[("authorization", f"Bearer {bob}")]
         )
@@ -231,6 +237,7 @@ def test_rate_limits_are_per_caller(gateway: GatewayProcess) -> None:
     assert outcomes[:3] == [grpc.StatusCode.OK] * 3
     assert outcomes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 4, outcomes
     assert refusal == "caller 'alice' is over its rate limit of 1 requests/s (burst 3); try again later"
+    assert pushback.isdigit() and 1 <= int(pushback) <= 1000, pushback  # the next token, at 1 request/s
     assert bob_more.model_name == "sized" and len(anonymous) == 8  # others are not limited by alice's rate
     (record,) = _records(gateway, "alice-7")
     assert record.caller == "alice" and record.status in (0, RESOURCE_EXHAUSTED)
@@ -317,9 +324,52 @@ def test_limit_keys_out_of_range_are_configuration_errors_naming_the_key() -> No
     assert config.model_defaults.queue_limit == 16 and config.serving("m").queue_limit == 5
 
 
-def test_a_token_bucket_refills_at_its_rate() -> None:
+def test_a_token_bucket_refills_at_its_rate_and_says_when_the_next_token_comes() -> None:
     limiter = RateLimiter(rate_per_s=50.0, burst=2)
-    assert [limiter.allow("a") for _ in range(3)] == [True, True, False]
-    assert limiter.allow("b")  # buckets are per caller
+    first, second, refused = (limiter.take("a") for _ in range(3))
+    assert first == second == 0.0
+    assert 0.0 < refused <= 0.02  # one token every 20 ms
+    assert limiter.take("b") == 0.0  # buckets are per caller
     time.sleep(0.05)  # 2.5 tokens' worth, capped at the burst of 2
-    assert [limiter.allow("a") for _ in range(3)] == [True, True, False]
+    assert [limiter.take("a") > 0 for _ in range(3)] == [False, False, True]
+
+
+def test_a_grpc_retry_policy_waits_out_the_pushback_and_is_served(gateway: GatewayProcess) -> None:
+    """A client whose retry policy retries RESOURCE_EXHAUSTED after 10 ms at most would be refused again
+    at 1 request/s; obeying `grpc-retry-pushback-ms` it waits for the next token and is served."""
+    carol = TokenStore(gateway.state_dir / "tokens.json").create("viewer", "carol")
+    policy = {
+        "methodConfig": [
+            {
+                "name": [{"service": "inference.GRPCInferenceService"}],
+                "retryPolicy": {
+                    "maxAttempts": 2,
+                    "initialBackoff": "0.01s",
+                    "maxBackoff": "0.01s",
+                    "backoffMultiplier": 1,
+                    "retryableStatusCodes": ["RESOURCE_EXHAUSTED"],
+                },
+            }
+        ]
+    }
+    options = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(policy))]
+    metadata = [("authorization", f"Bearer {carol}")]
+    with grpc.insecure_channel(gateway.address, options=options) as channel:
+        stub = Stub(channel)
+        deadline = time.monotonic() + 10  # the gateway re-reads the tokens file every second
+        while True:
+            try:
+                stub.ModelInfer(_request("sized", "carol-0", shape=[1, 4]), metadata=metadata)
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAUTHENTICATED and time.monotonic() < deadline
+                time.sleep(0.2)
+        for i in (1, 2):  # the rest of the burst of 3
+            stub.ModelInfer(_request("sized", f"carol-{i}", shape=[1, 4]), metadata=metadata)
+        start = time.monotonic()
+        answer = stub.ModelInfer(_request("sized", "carol-3", shape=[1, 4]), metadata=metadata)
+        waited = time.monotonic() - start
+    assert answer.id == "carol-3"
+    assert waited >= 0.2, waited  # the bucket was empty: the retry waited for a token, not 10 ms
+    statuses = sorted(r.status for r in _records(gateway, "carol-3", timeout=2))
+    assert statuses == [0, RESOURCE_EXHAUSTED]  # both attempts are in the log: the refusal and the answer
