@@ -273,7 +273,11 @@ class MicroBatcher:
                 self._busy = bool(following)
             try:
                 loop.call_soon_threadsafe(self._finish, batch, results, expired)
-            except RuntimeError:  # the loop is closed: nobody is left to answer
+            except RuntimeError:  # the loop is closed: nobody is left to answer what it queued
+                with self._lock:
+                    self._queue = [p for p in self._queue if p.future.get_loop() is not loop]
+                    self._queued_rows = sum(p.rows for p in self._queue)
+                    self._busy = False  # a later loop's requests start the thread again
                 return
             batch = following
 

@@ -171,3 +171,31 @@ def test_model_thread_runs_queued_batches_while_the_event_loop_is_busy(tmp_path:
         assert isinstance(result, list), result
         np.testing.assert_array_equal(result[0], x)
     assert stats.batch_sizes.keys() == {1}
+
+
+def test_a_batcher_outliving_its_event_loop_serves_the_next_one(tmp_path: Path) -> None:
+    """The loop closes while the model thread runs one batch and another waits (two widths never share a
+    batch): the thread cannot answer either, and must not stay busy, or a later loop's requests would wait
+    for ever."""
+    path = tmp_path / "slow.onnx"
+    onnx.save(helper.make_model(slow_identity_graph(), opset_imports=OPSET, ir_version=8), str(path))
+    stats = VersionStats()
+    batcher = MicroBatcher(OnnxModel(path, 1, 1), stats, max_batch_size=1, max_batch_wait_us=0, inline=False)
+    x = np.ones((1, 64), dtype=np.float32)
+
+    async def abandon() -> None:
+        batcher.submit({"x": x}, 1)  # runs on the model thread
+        batcher.submit({"x": x}, 1)  # queued behind it; the loop closes before either is answered
+
+    async def later() -> list[np.ndarray]:
+        return await asyncio.wait_for(batcher.run({"x": x}, 1), 30)
+
+    try:
+        asyncio.run(abandon())
+        give_up = time.monotonic() + 30
+        while stats.execution_count < 1 and time.monotonic() < give_up:
+            time.sleep(0.01)  # the abandoned run ends on the model thread
+        result = asyncio.run(later())
+    finally:
+        batcher.close()
+    np.testing.assert_array_equal(result[0], x)
