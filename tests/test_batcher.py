@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,6 +22,14 @@ from gateway.stats import VersionStats
 def model(tmp_path_factory: pytest.TempPathFactory) -> OnnxModel:
     path = tmp_path_factory.mktemp("batcher") / "mlp.onnx"
     onnx.save(helper.make_model(mlp_graph(), opset_imports=OPSET, ir_version=8), str(path))
+    return OnnxModel(path, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory: pytest.TempPathFactory) -> OnnxModel:
+    """An FP32 identity of width 64 that takes tens of milliseconds a run."""
+    path = tmp_path_factory.mktemp("batcher") / "slow.onnx"
+    onnx.save(helper.make_model(slow_identity_graph(), opset_imports=OPSET, ir_version=8), str(path))
     return OnnxModel(path, 1, 1)
 
 
@@ -122,12 +129,10 @@ def test_requests_that_cannot_be_merged_fail_alone_and_none_is_left_waiting(mode
     assert max(stats.batch_sizes) == 1  # every request ran alone after its batch failed to merge
 
 
-def test_requests_queued_when_the_batcher_closes_are_refused(tmp_path: Path) -> None:
+def test_requests_queued_when_the_batcher_closes_are_refused(slow_model: OnnxModel) -> None:
     """Closing (an unload that gave up waiting, a gateway stopping) while a run is busy and others queue:
     the queued ones get UNAVAILABLE, not a wait for ever."""
-    path = tmp_path / "slow.onnx"
-    onnx.save(helper.make_model(slow_identity_graph(), opset_imports=OPSET, ir_version=8), str(path))
-    batcher = MicroBatcher(OnnxModel(path, 1, 1), VersionStats(), 64, 0, inline=False, label="model 's' version '1'")
+    batcher = MicroBatcher(slow_model, VersionStats(), 64, 0, inline=False, label="model 's' version '1'")
     x = np.ones((1, 64), dtype=np.float32)
 
     async def main() -> list[object]:
@@ -144,13 +149,11 @@ def test_requests_queued_when_the_batcher_closes_are_refused(tmp_path: Path) -> 
     assert "model 's' version '1' is shut down; not run" in queued.message
 
 
-def test_model_thread_runs_queued_batches_while_the_event_loop_is_busy(tmp_path: Path) -> None:
+def test_model_thread_runs_queued_batches_while_the_event_loop_is_busy(slow_model: OnnxModel) -> None:
     """Under overload the loop is busy refusing calls: the model thread must not wait for it to start the
     next queued batch. Here the loop is blocked outright, and all three queued runs still happen."""
-    path = tmp_path / "slow.onnx"
-    onnx.save(helper.make_model(slow_identity_graph(), opset_imports=OPSET, ir_version=8), str(path))
     stats = VersionStats()
-    batcher = MicroBatcher(OnnxModel(path, 1, 1), stats, max_batch_size=1, max_batch_wait_us=0, inline=False)
+    batcher = MicroBatcher(slow_model, stats, max_batch_size=1, max_batch_wait_us=0, inline=False)
     x = np.ones((1, 64), dtype=np.float32)
 
     async def main() -> tuple[int, list[object]]:
@@ -173,14 +176,12 @@ def test_model_thread_runs_queued_batches_while_the_event_loop_is_busy(tmp_path:
     assert stats.batch_sizes.keys() == {1}
 
 
-def test_a_batcher_outliving_its_event_loop_serves_the_next_one(tmp_path: Path) -> None:
+def test_a_batcher_outliving_its_event_loop_serves_the_next_one(slow_model: OnnxModel) -> None:
     """The loop closes while the model thread runs one batch and another waits (two widths never share a
     batch): the thread cannot answer either, and must not stay busy, or a later loop's requests would wait
     for ever."""
-    path = tmp_path / "slow.onnx"
-    onnx.save(helper.make_model(slow_identity_graph(), opset_imports=OPSET, ir_version=8), str(path))
     stats = VersionStats()
-    batcher = MicroBatcher(OnnxModel(path, 1, 1), stats, max_batch_size=1, max_batch_wait_us=0, inline=False)
+    batcher = MicroBatcher(slow_model, stats, max_batch_size=1, max_batch_wait_us=0, inline=False)
     x = np.ones((1, 64), dtype=np.float32)
 
     async def abandon() -> None:

@@ -110,6 +110,18 @@ def _status_code(outcome: Any) -> grpc.StatusCode:
     return outcome.code() if isinstance(outcome, grpc.aio.AioRpcError) else grpc.StatusCode.OK
 
 
+def _call_once_the_token_is_known(stub: Any, request: Any, metadata: list[tuple[str, str]]) -> None:
+    """Send `request` until its new token is accepted: the gateway re-reads the tokens file every second."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            stub.ModelInfer(request, metadata=metadata)
+            return
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED and time.monotonic() < deadline
+            time.sleep(0.2)
+
+
 def test_a_request_whose_deadline_passes_in_the_queue_is_not_run_and_is_logged(gateway: GatewayProcess) -> None:
     before = _statistics(gateway, "slow")
 
@@ -210,14 +222,9 @@ def test_rate_limits_are_per_caller(gateway: GatewayProcess) -> None:
     alice, bob = tokens.create("viewer", "alice"), tokens.create("viewer", "bob")
     with grpc.insecure_channel(gateway.address) as channel:
         stub = Stub(channel)
-        deadline = time.monotonic() + 10  # the gateway re-reads the tokens file every second
-        while True:
-            try:
-                stub.ModelInfer(_request("sized", "bob-0", shape=[1, 4]), metadata=[("authorization", f"Bearer {bob}")])
-                break
-            except grpc.RpcError as e:
-                assert e.code() == grpc.StatusCode.UNAUTHENTICATED and time.monotonic() < deadline
-                time.sleep(0.2)
+        _call_once_the_token_is_known(
+            stub, _request("sized", "bob-0", shape=[1, 4]), [("authorization", f"Bearer {bob}")]
+        )
         outcomes: list[grpc.StatusCode] = []
         refusal, pushback = "", ""
         for i in range(8):  # burst 3 at 1 request/s: most of these are refused
@@ -356,14 +363,7 @@ def test_a_grpc_retry_policy_waits_out_the_pushback_and_is_served(gateway: Gatew
     metadata = [("authorization", f"Bearer {carol}")]
     with grpc.insecure_channel(gateway.address, options=options) as channel:
         stub = Stub(channel)
-        deadline = time.monotonic() + 10  # the gateway re-reads the tokens file every second
-        while True:
-            try:
-                stub.ModelInfer(_request("sized", "carol-0", shape=[1, 4]), metadata=metadata)
-                break
-            except grpc.RpcError as e:
-                assert e.code() == grpc.StatusCode.UNAUTHENTICATED and time.monotonic() < deadline
-                time.sleep(0.2)
+        _call_once_the_token_is_known(stub, _request("sized", "carol-0", shape=[1, 4]), metadata)
         for i in (1, 2):  # the rest of the burst of 3
             stub.ModelInfer(_request("sized", f"carol-{i}", shape=[1, 4]), metadata=metadata)
         start = time.monotonic()
