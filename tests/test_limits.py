@@ -153,7 +153,8 @@ def test_a_streams_deadline_applies_to_each_of_its_requests(gateway: GatewayProc
     async def scenario() -> tuple[grpc.StatusCode, list[Any]]:
         async with grpc.aio.insecure_channel(gateway.address) as channel:
             stub = Stub(channel)
-            blockers = [asyncio.ensure_future(stub.ModelInfer(_request("slow", f"sblock-{i}", 64))) for i in range(8)]
+            # ~24 runs of milliseconds each queued ahead: far more than the stream's 50 ms, on any host
+            blockers = [asyncio.ensure_future(stub.ModelInfer(_request("slow", f"sblock-{i}", 64))) for i in range(24)]
             await asyncio.sleep(0.02)
             stream = stub.ModelStreamInfer(iter([_request("slow", f"stream-late-{i}") for i in range(3)]), timeout=0.05)
             code = grpc.StatusCode.OK

@@ -57,9 +57,11 @@ def test_non_finite_values_score_infinity_and_rank_first() -> None:
     native = OodScorer(profile).score(rows)
     reference = reference_scores(rows, profile)
     assert np.isposinf(native.scores[:3]).all() and native.scores[3] == pytest.approx(0.0, abs=1e-6)
-    np.testing.assert_array_equal(native.scores, reference.scores)
+    # Row 3 sits on the mean: its score is rounding noise, equal to ~1e-9 (not to the last bit, which
+    # depends on numpy's summation order), and the order of its near-zero z-scores means nothing.
+    np.testing.assert_allclose(native.scores, reference.scores, rtol=1e-9)
     np.testing.assert_array_equal(native.top_index[:3, 0], [5, 2, 7])
-    np.testing.assert_array_equal(native.top_index, reference.top_index)
+    np.testing.assert_array_equal(native.top_index[:3], reference.top_index[:3])
     assert native.flagged.tolist() == [True, True, True, False]
     assert native.max_score == np.inf and native.any_flagged
 
