@@ -119,7 +119,8 @@ def decode_message(request: pb.ModelInferRequest) -> InferenceRequest:
 
 
 class ParameterReader:
-    """A request's parameters as text, read only when asked (a sticky key or segments may need them)."""
+    """A request's parameters as text, read from the message only when asked (a sticky key or segments
+    may need them): the reference for what the native reader makes of them (`ParameterTexts`)."""
 
     __slots__ = ("_parameters",)
 
@@ -137,11 +138,28 @@ class ParameterReader:
         return iter(self._parameters)
 
 
+class ParameterTexts:
+    """A request's parameters as the native reader read them: name -> text (None: no value set)."""
+
+    __slots__ = ("_texts",)
+
+    def __init__(self, texts: dict[str, str | None]) -> None:
+        self._texts = texts
+
+    def __call__(self, name: str) -> str | None:
+        return self._texts.get(name)
+
+    def names(self) -> Iterable[str]:
+        return iter(self._texts)
+
+
 def decode(data: bytes) -> InferenceRequest:
     """A ModelInferRequest's bytes as the core's request (InvalidArgument naming the field if it is wrong)."""
     fields = decode_infer_request(data)
-    if fields is not None:  # the common request: no parameters to read
-        return InferenceRequest(*fields)
+    if fields is not None:  # the common request, parameters (perf_analyzer sends one) read as text
+        model_name, model_version, request_id, inputs, outputs, datatypes, texts = fields
+        parameter = ParameterTexts(texts) if texts is not None else None
+        return InferenceRequest(model_name, model_version, request_id, inputs, outputs, datatypes, parameter=parameter)
     try:
         message = pb.ModelInferRequest.FromString(data)
     except DecodeError as e:

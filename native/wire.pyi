@@ -13,7 +13,7 @@ class _Tensor(Protocol):
 
 def decode_infer_request(
     data: bytes,
-) -> tuple[str, str, str, dict[str, np.ndarray], list[str], dict[str, str]] | None: ...
+) -> tuple[str, str, str, dict[str, np.ndarray], list[str], dict[str, str], dict[str, str | None] | None] | None: ...
 def encode_infer_response(
     model_name: str,
     model_version: str,

@@ -3,8 +3,9 @@
 
 Building protobuf messages and converting them field by field cost more Python than everything else
 the handler does before the model runs. `decode_infer_request` reads the request clients send
-(`raw_input_contents`, no parameters, no typed contents) straight from its bytes and answers None
-for anything else (typed contents, parameters, unknown fields, any mistake), which then goes through
+(`raw_input_contents`, request parameters of any kind, no typed contents) straight from its bytes and
+answers None for anything else (typed contents, tensor parameters, unknown fields, a parameter named
+twice or given two values, any mistake), which then goes through
 protobuf and `gateway.codec.decode_message`: the reference, and the one place that names mistakes.
 So this module never judges a request; it only recognises the well-formed common one.
 `encode_infer_response` writes the reply. Tests hold both to protobuf and the reference, field by field.
@@ -156,6 +157,79 @@ cdef object _output(Reader* r):
     return name
 
 
+cdef object _DECLINE = object()  # what a parameter reader answers for a value it leaves to the reference
+
+
+cdef object _parameter_text(Reader* r):
+    """An InferParameter as the text `codec.ParameterReader` makes of it (`str` of the value; None when no
+    value is set), or _DECLINE for anything unusual (two values, an unknown kind, a wrong wire type)."""
+    cdef Reader value
+    cdef uint64_t field, wire, raw
+    cdef double real
+    cdef int i
+    text = None
+    cdef bint seen = False
+    while r.p < r.end:
+        if seen or not _field(r, &field, &wire):  # a second value: protobuf keeps the last, we decline
+            return _DECLINE
+        seen = True
+        if field == 3:
+            if wire != LEN or not _take(r, &value):
+                return _DECLINE
+            text = _text(&value)
+            if text is None:
+                return _DECLINE
+        elif field == 4:
+            if wire != FIXED64 or r.end - r.p < 8:
+                return _DECLINE
+            raw = 0
+            for i in range(8):  # little-endian on the wire, whatever this host's order
+                raw |= (<uint64_t>r.p[i]) << (8 * i)
+            r.p += 8
+            memcpy(&real, &raw, 8)
+            text = str(real)
+        elif field == 1 or field == 2 or field == 5:
+            if wire != VARINT or not _varint(r, &raw):
+                return _DECLINE
+            if field == 1:
+                text = "True" if raw else "False"
+            elif field == 2:
+                text = str(<int64_t>raw)
+            else:
+                text = str(raw)
+        else:
+            return _DECLINE
+    return text
+
+
+cdef bint _parameter(Reader* r, dict texts):
+    """One entry of the request's `parameters` map into `texts` (name -> text); False to decline."""
+    cdef Reader value
+    cdef uint64_t field, wire
+    key = ""
+    text = None
+    cdef bint has_key = False, has_value = False
+    while r.p < r.end:
+        if not _field(r, &field, &wire) or wire != LEN or not _take(r, &value):
+            return False
+        if field == 1 and not has_key:
+            key = _text(&value)
+            has_key = True
+            if key is None:
+                return False
+        elif field == 2 and not has_value:
+            text = _parameter_text(&value)
+            has_value = True
+            if text is _DECLINE:
+                return False
+        else:
+            return False
+    if key in texts:  # named twice: protobuf keeps the last, we decline
+        return False
+    texts[key] = text
+    return True
+
+
 cdef object _array(list tensor, bytes raw):
     """The input's array over `raw` (no copy), or None if its datatype or byte count is not right."""
     cdef object found = _DTYPES.get(tensor[1])
@@ -177,14 +251,15 @@ cdef object _array(list tensor, bytes raw):
 
 
 def decode_infer_request(bytes data not None):
-    """(model_name, model_version, id, inputs, outputs, datatypes) of a common, well-formed request;
-    None for any other, which the reference decodes (and refuses, if it must)."""
+    """(model_name, model_version, id, inputs, outputs, datatypes, parameter texts or None) of a common,
+    well-formed request; None for any other, which the reference decodes (and refuses, if it must)."""
     cdef Reader r, value
     cdef uint64_t field, wire
     r.p = <const unsigned char*>PyBytes_AS_STRING(data)
     r.end = r.p + PyBytes_GET_SIZE(data)
     model_name = model_version = request_id = ""
     cdef list tensors = [], outputs = [], raw = []
+    cdef dict texts = None
     while r.p < r.end:
         if not _field(&r, &field, &wire) or wire != LEN or not _take(&r, &value):
             return None
@@ -206,7 +281,12 @@ def decode_infer_request(bytes data not None):
             model_version = _text(&value)
         elif field == 3:
             request_id = _text(&value)
-        else:  # parameters (read by routes and segments from the message) or fields we do not know
+        elif field == 4:
+            if texts is None:
+                texts = {}
+            if not _parameter(&value, texts):
+                return None
+        else:  # a field we do not know
             return None
         if model_name is None or model_version is None or request_id is None:
             return None
@@ -227,7 +307,7 @@ def decode_infer_request(bytes data not None):
             return None
         inputs[name] = array
         datatypes[name] = tensor[1]
-    return model_name, model_version, request_id, inputs, outputs, datatypes
+    return model_name, model_version, request_id, inputs, outputs, datatypes, texts
 
 
 # --- encoding -------------------------------------------------------------------------------------

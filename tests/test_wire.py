@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gateway.codec import decode, decode_message, encode
+from gateway.codec import ParameterReader, decode, decode_message, encode
 from gateway.datatypes import BY_V2_NAME
 from gateway.errors import InvalidArgument
 from gateway.inference import InferenceRequest, InferenceResponse
@@ -31,10 +31,25 @@ names = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 shapes = st.lists(st.integers(0, 4), min_size=0, max_size=4)
 
 
+PARAMETER_VALUES = {
+    "bool_param": st.booleans(),
+    "int64_param": st.integers(-(2**63), 2**63 - 1),
+    "uint64_param": st.integers(0, 2**64 - 1),
+    "double_param": st.floats(),
+    "string_param": names,
+}
+
+
 @st.composite
 def common_requests(draw: Any) -> pb.ModelInferRequest:
-    """Well-formed requests of the kind clients send: raw contents, no parameters."""
+    """Well-formed requests of the kind clients send: raw contents, request parameters of every kind."""
     request = pb.ModelInferRequest(model_name=draw(names.filter(bool)), model_version=draw(names), id=draw(names))
+    for key in draw(st.lists(names, max_size=3, unique=True)):
+        kind = draw(st.sampled_from([None, *PARAMETER_VALUES]))
+        if kind is None:
+            request.parameters[key].SetInParent()  # an entry with no value set
+        else:
+            setattr(request.parameters[key], kind, draw(PARAMETER_VALUES[kind]))
     for name in draw(st.lists(names, min_size=1, max_size=3, unique=True)):
         datatype = draw(st.sampled_from(sorted(BY_V2_NAME)))
         shape = draw(shapes)
@@ -44,6 +59,19 @@ def common_requests(draw: Any) -> pb.ModelInferRequest:
     for name in draw(st.lists(names, max_size=2)):
         request.outputs.add(name=name)
     return request
+
+
+def reference_of(message: pb.ModelInferRequest) -> InferenceRequest:
+    """What protobuf and the reference decoder make of a message, parameters included."""
+    request = decode_message(message)
+    request.parameter = ParameterReader(message)
+    return request
+
+
+def native_of(data: bytes) -> InferenceRequest:
+    """`decode` of bytes the native reader accepts (asserted)."""
+    assert decode_infer_request(data) is not None
+    return decode(data)
 
 
 def assert_same(native: InferenceRequest, reference: InferenceRequest) -> None:
@@ -58,15 +86,27 @@ def assert_same(native: InferenceRequest, reference: InferenceRequest) -> None:
     for name, array in reference.inputs.items():
         got = native.inputs[name]
         assert (got.dtype, got.shape, got.tobytes()) == (array.dtype, array.shape, array.tobytes())
+    assert sorted(native.parameter.names()) == sorted(reference.parameter.names())
+    for name in reference.parameter.names():
+        assert native.parameter(name) == reference.parameter(name), name
 
 
 @SETTINGS
 @given(common_requests())
 def test_the_common_request_is_read_natively_and_as_the_reference_reads_it(request: pb.ModelInferRequest) -> None:
-    data = request.SerializeToString()
-    fields = decode_infer_request(data)
-    assert fields is not None
-    assert_same(InferenceRequest(*fields), decode_message(request))
+    assert_same(native_of(request.SerializeToString()), reference_of(request))
+
+
+def test_perf_analyzers_request_is_read_natively() -> None:
+    """What Triton's perf_analyzer sends: a bool request parameter and the output it wants by name."""
+    request = pb.ModelInferRequest(model_name="mlp")
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 2])
+    request.outputs.add(name="output")
+    request.raw_input_contents.append(np.array([[1, 2]], np.float32).tobytes())
+    native = native_of(request.SerializeToString())
+    assert native.parameter("triton_enable_empty_final_response") == "True" and native.outputs == ["output"]
+    assert_same(native, reference_of(request))
 
 
 def _tag(field: int, wire: int) -> bytes:
@@ -81,10 +121,9 @@ def _len(field: int, payload: bytes) -> bytes:
 def test_unpacked_shapes_are_read_as_protobuf_reads_them() -> None:
     tensor = _len(1, b"x") + _len(2, b"FP32") + _tag(3, 0) + b"\x01" + _tag(3, 0) + b"\x02"
     data = _len(1, b"m") + _len(5, tensor) + _len(7, struct.pack("<2f", 1.5, -2.0))
-    fields = decode_infer_request(data)
-    assert fields is not None
-    assert_same(InferenceRequest(*fields), decode_message(pb.ModelInferRequest.FromString(data)))
-    assert fields[3]["x"].shape == (1, 2)
+    native = native_of(data)
+    assert_same(native, reference_of(pb.ModelInferRequest.FromString(data)))
+    assert native.inputs["x"].shape == (1, 2)
 
 
 def _common() -> pb.ModelInferRequest:
@@ -100,8 +139,19 @@ def _with(change: Any) -> bytes:
     return bytes(request.SerializeToString())
 
 
+def _parameter(key: bytes, value: bytes) -> bytes:
+    """A request `parameters` map entry, hand-encoded: what protobuf's API cannot write."""
+    return _len(4, _len(1, key) + _len(2, value))
+
+
 DECLINED = {
-    "request parameters": _with(lambda r: r.parameters["segment.region"].__setattr__("string_param", "eu")),
+    "a parameter named twice": _with(lambda r: None) + _parameter(b"p", _tag(1, 0) + b"\x01") * 2,
+    "a parameter with two values": _with(lambda r: None)
+    + _parameter(b"p", _tag(1, 0) + b"\x01" + _tag(2, 0) + b"\x02"),
+    "a parameter of an unknown kind": _with(lambda r: None) + _parameter(b"p", _tag(6, 0) + b"\x01"),
+    "a parameter's value of the wrong wire type": _with(lambda r: None) + _parameter(b"p", _len(1, b"\x01")),
+    "a parameter's name that is not UTF-8": _with(lambda r: None) + _parameter(b"\xff", _tag(1, 0) + b"\x01"),
+    "a truncated double parameter": _with(lambda r: None) + _parameter(b"p", _tag(4, 1) + b"\0" * 7),
     "input parameters": _with(lambda r: r.inputs[0].parameters["p"].__setattr__("bool_param", True)),
     "output parameters": _with(lambda r: r.outputs.add(name="y").parameters["p"].__setattr__("int64_param", 1)),
     "typed contents": _with(
@@ -185,8 +235,8 @@ def test_the_reference_still_names_the_mistake() -> None:
         decode(DECLINED["byte count mismatch"])
     with pytest.raises(InvalidArgument, match="not a valid ModelInferRequest"):
         decode(DECLINED["truncated"])
-    request = decode(DECLINED["request parameters"])
-    assert request.parameter("segment.region") == "eu"
+    duplicate = decode(DECLINED["a parameter named twice"])  # protobuf's map keeps the last entry
+    assert duplicate.parameter("p") == "True"
 
 
 @SETTINGS
@@ -206,7 +256,7 @@ def test_native_reading_of_any_bytes_agrees_with_the_reference_or_declines(data:
     if fields is None:
         return
     message = pb.ModelInferRequest.FromString(data)  # must parse: the native reader accepted the bytes
-    assert_same(InferenceRequest(*fields), decode_message(message))
+    assert_same(decode(data), reference_of(message))
 
 
 def _verdict(flagged: bool, score: float) -> OodResult:
