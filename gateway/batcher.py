@@ -180,11 +180,14 @@ class MicroBatcher:
         self._flush()
 
     def _execute_now(self, feeds: Feeds, rows: int) -> list[np.ndarray]:
+        """One request run at once, alone (the request path's common case, so one stats call)."""
         start = time.perf_counter_ns()
-        outputs = self._run(feeds, rows)
-        if isinstance(outputs, BaseException):
-            raise outputs
-        self._stats.record_compute(0, 0, time.perf_counter_ns() - start, 0)
+        try:
+            outputs = self._model.run(feeds)
+        except GatewayError:
+            self._stats.record_execution(rows, time.perf_counter_ns() - start, ok=False)
+            raise
+        self._stats.record_run_alone(rows, time.perf_counter_ns() - start)
         return outputs
 
     def _run(self, feeds: Feeds, rows: int) -> list[np.ndarray] | GatewayError:

@@ -128,6 +128,24 @@ class VersionStats:
             self.batch_sizes.setdefault(rows, Duration()).add(ns)
             self.ok_runs.add(ns)
 
+    def record_run_alone(self, rows: int, ns: int) -> None:
+        """`record_execution` (ok) and `record_compute(0, 0, ns, 0)` of a request run at once, alone:
+        the request path's one stats call, its additions inline."""
+        self.execution_count += 1
+        batch = self.batch_sizes.get(rows)
+        if batch is None:
+            batch = self.batch_sizes[rows] = Duration()
+        batch.count += 1
+        batch.ns += ns
+        runs, infer = self.ok_runs, self.compute_infer
+        runs.count += 1
+        runs.ns += ns
+        infer.count += 1
+        infer.ns += ns
+        self.queue.count += 1
+        self.compute_input.count += 1
+        self.compute_output.count += 1
+
     def mean_run_ms(self) -> float:
         """How long a run has taken on average (0 before the first)."""
         return self.ok_runs.ns / self.ok_runs.count / 1e6 if self.ok_runs.count else 0.0

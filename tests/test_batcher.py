@@ -54,6 +54,25 @@ def test_a_lone_caller_never_waits_after_the_probe(model: OnnxModel) -> None:
     assert stats.batch_wait_timeouts <= probes_allowed  # only probes waited; every other request ran at once
 
 
+def _counts(stats: VersionStats) -> dict[str, object]:
+    durations = ("ok_runs", "success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+    counts: dict[str, object] = {name: (getattr(stats, name).count, getattr(stats, name).ns) for name in durations}
+    counts["batch_sizes"] = {rows: (d.count, d.ns) for rows, d in stats.batch_sizes.items()}
+    counts["execution_count"] = stats.execution_count
+    return counts
+
+
+def test_a_request_run_alone_is_counted_as_a_run_and_its_compute_time() -> None:
+    """The request path's one stats call matches the two the batch path makes (Triton's equal counts)."""
+    alone, reference = VersionStats(), VersionStats()
+    for rows, ns in ((1, 700), (3, 2_000), (1, 900)):
+        alone.record_run_alone(rows, ns)
+        reference.record_execution(rows, ns, ok=True)
+        reference.record_compute(0, 0, ns, 0)
+    assert _counts(alone) == _counts(reference)
+    assert alone.batch_sizes[1].count == 2 and alone.compute_infer.ns == 3_600
+
+
 def test_concurrent_callers_are_batched_and_get_their_own_rows(model: OnnxModel) -> None:
     stats = VersionStats()
     batcher = MicroBatcher(model, stats, max_batch_size=64, max_batch_wait_us=2000, inline=True)

@@ -148,38 +148,37 @@ class LogWriter:
 
     # --- writing ------------------------------------------------------------------------------
 
-    def _put_all(self, records: list[Record]) -> None:
+    def _put(self, record: Record) -> None:
+        """One record in its own transaction (under its key, its id and its primary's id)."""
+        record.worker = self._worker
+        key = self._keys.make(record.ts_ns)
+        value = encode(record)
+        self._bytes_since_check += len(value)
         segment = self._segment
-        with segment.guard.transaction(write=True) as txn:
-            for record in records:
-                record.worker = self._worker
-                key = self._keys.make(record.ts_ns)
-                value = encode(record)
-                self._bytes_since_check += len(value)
-                txn.put(key, value, db=segment.records)
-                txn.put(id_key(record.id), key, db=segment.ids)
-                if record.primary_id:  # `log get PRIMARY` finds its shadows too
-                    txn.put(id_key(record.primary_id), key, db=segment.ids)
+        with segment.guard.transaction(write=True) as txn:  # adopts the map size another worker grew it to
+            txn.put(key, value, db=segment.records)
+            txn.put(id_key(record.id), key, db=segment.ids)
+            if record.primary_id:  # `log get PRIMARY` finds its shadows too
+                txn.put(id_key(record.primary_id), key, db=segment.ids)
 
-    def _put_one_by_one(self, records: list[Record]) -> None:
-        """The group did not fit: continue in fresh segments, growing the map for a record larger
-        than an empty segment, so a full map never fails a request."""
+    def _put_growing(self, record: Record) -> None:
+        """The record did not fit: put it in a fresh segment, growing the map for a record larger than
+        an empty segment, so a full map never fails a request."""
         self._rotate()
-        for record in records:
-            while True:
-                try:
-                    self._put_all([record])
-                    break
-                except lmdb.MapFullError:
-                    if self._segment.used_bytes() > self._config.segment_max_bytes // 8:
-                        self._rotate()
-                    else:
-                        with self._segment.guard.shared() as env:
-                            size = env.info()["map_size"]
-                        self._segment.guard.grow(size + 4 * len(encode(record)))
+        while True:
+            try:
+                self._put(record)
+                return
+            except lmdb.MapFullError:
+                if self._segment.used_bytes() > self._config.segment_max_bytes // 8:
+                    self._rotate()
+                else:
+                    with self._segment.guard.shared() as env:
+                        size = env.info()["map_size"]
+                    self._segment.guard.grow(size + 4 * len(encode(record)))
 
-    def _write(self, records: list[Record]) -> None:
-        """One transaction for all records; a full map rotates and retries, never fails them."""
+    def _write(self, record: Record) -> None:
+        """Commit `record`; a full map rotates and retries, never fails it."""
         # env.info() per commit would cost more than the commit: look every 1/32 of a segment or 50 ms,
         # before writing, so a worker idle for a while moves to the segment others started first.
         now = time.monotonic()
@@ -188,10 +187,10 @@ class LogWriter:
             self._bytes_since_check = 0
             self._rotate(due=self._should_rotate(self._segment))
         try:
-            self._put_all(records)  # adopts the map size another worker grew the segment to
+            self._put(record)
         except lmdb.MapFullError:
-            self._put_one_by_one(records)
-        self.records_written += len(records)
+            self._put_growing(record)
+        self.records_written += 1
 
     def follow_rotation(self) -> None:
         """Move to a segment another worker started (called on the event loop, also when idle): what
@@ -216,7 +215,7 @@ class LogWriter:
     def write_now(self, record: Record) -> None:
         """Commit one record right here, on the event loop, without suspending the caller."""
         try:
-            self._write([record])
+            self._write(record)
         except Exception as e:  # disk full, permissions, ...: the request learns it, unanswered
             log.exception("request log write failed")
             raise Unavailable(f"request log write failed, request not answered: {e}") from e
