@@ -28,6 +28,7 @@ from models import mlp_graph, save_model
 from test_admin_cli import cli
 from test_routing import Admin, _admin_token, _mlp, _split
 
+from gateway.config import ServerConfig
 from gateway.ood.profile import PROFILE_FILE, build_profile, save_profile
 from gateway.protocol import Stub, admin
 from gateway.requestlog.reader import LogReader, Query
@@ -35,6 +36,9 @@ from gateway.workerboard import PUBLISH_INTERVAL_S
 
 CONNECTIONS = 24  # all on one worker by chance: 2 * 2**-24
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # else channels to one address share a connection
+# A route change made through one worker reaches the other within its route poll interval (the contract):
+# a request the other worker gets sooner may still be routed by the table it had.
+ROUTE_OBEYED_S = 10 * ServerConfig().route_poll_ms / 1000
 
 
 def _channel(address: str) -> grpc.Channel:
@@ -82,6 +86,12 @@ def _status(gateway: GatewayProcess) -> admin.GetStatusResponse:
     return Admin(gateway).GetStatus(admin.GetStatusRequest(model="mlp", window_s=600))
 
 
+def _split_everywhere(ops: Admin, model: str, weights: str, why: str) -> None:
+    """Set a split through one worker and wait until every worker routes by it."""
+    _split(ops, model, weights, why)
+    time.sleep(ROUTE_OBEYED_S)
+
+
 def test_both_workers_serve_and_log_which_one_answered(workers: GatewayProcess) -> None:
     answered = _infer_on_new_connections(workers.address, CONNECTIONS, "spread")
     records = _records(workers, "spread-")
@@ -117,27 +127,27 @@ def test_the_status_command_lists_the_workers(workers: GatewayProcess) -> None:
 
 def test_a_route_change_through_one_worker_is_obeyed_by_both(workers: GatewayProcess) -> None:
     ops = Admin(workers)
-    _split(ops, "mlp", "2=10000", "workers test: all to v2")
+    _split_everywhere(ops, "mlp", "2=10000", "workers test: all to v2")
     try:
         answered = _infer_on_new_connections(workers.address, CONNECTIONS, "moved")
         assert set(answered.values()) == {"2"}
         assert {r.worker for r in _records(workers, "moved-")} == {0, 1}
     finally:
-        _split(ops, "mlp", "1=10000", "workers test: back to v1")
+        _split_everywhere(ops, "mlp", "1=10000", "workers test: back to v1")
     assert set(_infer_on_new_connections(workers.address, 8, "back").values()) == {"1"}
 
 
 def test_sticky_keys_get_one_version_whichever_worker_serves(workers: GatewayProcess) -> None:
     ops = Admin(workers)
     ops.SetSticky(admin.SetStickyRequest(model="mlp", sticky_key="x-user-id", reason="workers sticky test"))
-    _split(ops, "mlp", "1=5000 2=5000", "workers sticky test")
+    _split_everywhere(ops, "mlp", "1=5000 2=5000", "workers sticky test")
     try:
         versions = {key: _infer_on_new_connections(workers.address, 6, f"sticky-{key}", key) for key in "abcdefgh"}
         assert all(len(set(answers.values())) == 1 for answers in versions.values()), versions
         assert {v for answers in versions.values() for v in answers.values()} == {"1", "2"}
         assert {r.worker for r in _records(workers, "sticky-")} == {0, 1}
     finally:
-        _split(ops, "mlp", "1=10000", "end of workers sticky test")
+        _split_everywhere(ops, "mlp", "1=10000", "end of workers sticky test")
         ops.SetSticky(admin.SetStickyRequest(model="mlp", sticky_key="", reason="end of workers sticky test"))
 
 
@@ -204,7 +214,7 @@ def test_a_version_loaded_through_one_worker_is_loaded_by_every_worker(
     deadline = time.monotonic() + 20
     while True:  # a route may send traffic to v3 only once every worker has it ready
         try:
-            _split(ops, "mlp", "3=10000", "workers test: all to v3")
+            _split_everywhere(ops, "mlp", "3=10000", "workers test: all to v3")
             break
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "'3'" in (e.details() or ""), e.details()
@@ -216,7 +226,7 @@ def test_a_version_loaded_through_one_worker_is_loaded_by_every_worker(
         time.sleep(0.3)
     assert {r.worker for r in _records(workers, "v3-")} == {0, 1}
     assert "loaded, following change" in workers.log
-    _split(ops, "mlp", "1=10000", "workers test: v3 takes no traffic")
+    _split_everywhere(ops, "mlp", "1=10000", "workers test: v3 takes no traffic")
     ops.UnloadModel(admin.UnloadModelRequest(model="mlp", version="3", reason="workers test: unload v3"))
     deadline = time.monotonic() + 20
     while (outcomes := _answers_from_version(workers.address, "3", "gone"))["OK"]:
