@@ -11,7 +11,9 @@ own idle channel), and the per-round ratios with their median. The issue's targe
 unary at concurrency 16; streaming p50 at concurrency 1 no worse than unary's. The minimal V2 floor
 (bench_core's, running beside the gateway on the same CPU) is measured unary at concurrency 1 in the
 same rotation: the core issue's c1 target, gateway p50 <= minimal V2 p50 + 20 us, as perf_analyzer
-measures it.
+measures it. So is a third server, the gateway with its request log off (`[log] enabled = false`, a
+benchmark-only setting): the difference between the two gateways is what committing each request's
+record to LMDB before its answer costs at concurrency 1.
 
     python loadtests/bench_perf_analyzer.py [--rounds 3] [--interval-ms 4000] [--concurrency 16] [--json FILE]
 """
@@ -37,6 +39,7 @@ from bench_core import (
     running,
     server_commands,
 )
+from bench_variants import BENCHMARK_ENV
 from models import MODEL_NAME, OutputCheck, build_infer_request, build_repository
 
 PERF_ANALYZER = HERE / "perf_analyzer"
@@ -89,15 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     repository = build_repository(workdir / "models")
     print(f"gateway: {gateway_source()}; {placement.description}", flush=True)
     points = [("gateway", c, s) for c in (args.concurrency, 1) for s in (False, True)]
-    points.append(("minimal V2", 1, False))
+    points += [("minimal V2", 1, False), ("gateway, log off", 1, False)]
     rounds = []
     minimal = dict(server_commands(repository, None))["minimal V2"]
     gateway = [*gateway_argv(repository), "--state-dir", str(workdir / "state")]
+    log_off_config = workdir / "log-off.toml"
+    log_off_config.write_text("[log]\nenabled = false\n")
+    log_off = [*gateway_argv(repository), "--state-dir", str(workdir / "state-off"), "--config", str(log_off_config)]
     with (
         running("gateway", gateway, placement, workdir) as server,
         running("minimal-v2", minimal, placement, workdir) as floor,
+        running("gateway-log-off", log_off, placement, workdir, BENCHMARK_ENV) as unlogged,
     ):
-        servers = {"gateway": server, "minimal V2": floor}
+        servers = {"gateway": server, "minimal V2": floor, "gateway, log off": unlogged}
         for each in servers.values():
             each.wait_ready(build_infer_request(), OutputCheck())
         for number in range(1, args.rounds + 1):
@@ -118,12 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     speedups = [r[f"streaming c{c}"]["throughput"] / r[f"unary c{c}"]["throughput"] for r in rounds]
     p50_ratios = [r["streaming c1"]["p50_us"] / r["unary c1"]["p50_us"] for r in rounds]
     c1_gaps = [r["unary c1"]["p50_us"] - r["minimal V2 unary c1"]["p50_us"] for r in rounds]
+    log_off_gaps = [r["gateway, log off unary c1"]["p50_us"] - r["minimal V2 unary c1"]["p50_us"] for r in rounds]
     print(f"\nstreaming / unary throughput at c{c}: " + ", ".join(f"{x:.2f}" for x in speedups))
     print(f"  median {statistics.median(speedups):.2f}x (target >= 2)")
     print("streaming / unary p50 at c1: " + ", ".join(f"{x:.2f}" for x in p50_ratios))
     print(f"  median {statistics.median(p50_ratios):.2f} (target <= 1)")
     print("gateway unary p50 at c1 minus minimal V2's, us: " + ", ".join(f"{x:+.0f}" for x in c1_gaps))
     print(f"  median {statistics.median(c1_gaps):+.0f} us (target <= +{TARGET_C1_EXTRA_US})")
+    print("the same with the gateway's request log off, us: " + ", ".join(f"{x:+.0f}" for x in log_off_gaps))
+    print(f"  median {statistics.median(log_off_gaps):+.0f} us (the rest of the gap is the log's commit)")
     if args.json is not None:
         report = {
             "gateway": gateway_source(),
@@ -131,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             "speedups": speedups,
             "p50_ratios": p50_ratios,
             "c1_gaps_us": c1_gaps,
+            "c1_gaps_log_off_us": log_off_gaps,
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
