@@ -14,7 +14,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from typing import Protocol
 
 import grpc
@@ -376,7 +376,9 @@ class InferenceService:
             for spec, array in zip(version.model.outputs, results, strict=True)
             if not wanted or spec.name in wanted
         ]
-        await self._commit(record, marks, span, rows)
+        fsync = self._commit(record, marks, span, rows)
+        if fsync is not None:
+            await fsync
         if decision.shadows:
             self._shadows.mirror(record, decision.shadows, feeds, request.datatypes, rows, results, span)
         return InferenceResponse(
@@ -399,7 +401,9 @@ class InferenceService:
             key = (record.model, error.limit)
             self.refusals[key] = self.refusals.get(key, 0) + 1
         record.status, record.message = _status(error), error.message
-        await self._commit(record, marks, span, rows)
+        fsync = self._commit(record, marks, span, rows)
+        if fsync is not None:
+            await fsync
 
     def _screen(
         self, version: ModelVersion, request: InferenceRequest, record: Record
@@ -445,14 +449,32 @@ class InferenceService:
         request_id = client_id or self._ids.next()
         record = Record(request_id, time.time_ns(), model_name, model_version, status=_status(error))
         record.message, record.raw_request = error.message, raw_request
-        await self._commit(record, StageMarks(time.perf_counter_ns()))
+        fsync = self._commit(record, StageMarks(time.perf_counter_ns()))
+        if fsync is not None:
+            await fsync
         return request_id
 
-    async def _commit(self, record: Record, marks: StageMarks, span: Span | None = None, rows: int = 0) -> None:
+    def _commit(
+        self, record: Record, marks: StageMarks, span: Span | None = None, rows: int = 0
+    ) -> Awaitable[None] | None:
+        """Log `record`; None once done, or (with fsync) what to await until it is. Not a coroutine:
+        without fsync the request path commits without one more coroutine to create and resume."""
         answered = time.perf_counter_ns()
         record.latency_ns = answered - marks.start
-        if self._log is not None:
-            await self._log.commit(record)
+        fsynced = self._log.write(record) if self._log is not None else None
+        if fsynced is not None:
+            return self._logged_after(fsynced, record, marks, span, rows, answered)
+        self._logged(record, marks, span, rows, answered)
+        return None
+
+    async def _logged_after(
+        self, fsynced: Awaitable[None], record: Record, marks: StageMarks, span: Span | None, rows: int, answered: int
+    ) -> None:
+        await fsynced
+        self._logged(record, marks, span, rows, answered)
+
+    def _logged(self, record: Record, marks: StageMarks, span: Span | None, rows: int, answered: int) -> None:
+        """Count, measure and trace a request whose record is in the log."""
         marks.logged = time.perf_counter_ns()
         self._traffic.add(record.model, record.version, record.role, record.latency_ns, not record.status, record.ood)
         if self._metrics is not None:

@@ -51,6 +51,20 @@ class MapGuard:
         process grew."""
         return _Transaction(self, write, db)
 
+    def put(self, items: tuple[tuple[Any, bytes, bytes], ...]) -> None:
+        """Put `(db, key, value)` items in one write transaction: the request log's commit, once per
+        request, without a context object's three calls around it."""
+        txn = self._begin(True, None)
+        try:
+            for db, key, value in items:
+                txn.put(key, value, db=db)
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+        finally:
+            self._leave()
+
     @contextmanager
     def shared(self) -> Iterator[lmdb.Environment]:
         """The environment, for calls that touch the map outside a transaction (`sync`)."""
@@ -116,8 +130,7 @@ class MapGuard:
 
 
 class _Transaction:
-    """A class, not @contextmanager: the request log commits through it once per request, and a
-    generator-based context costs twice as much as the commit."""
+    """A class, not @contextmanager: a generator-based context costs about as much as a small commit."""
 
     __slots__ = ("_guard", "_write", "_db", "_txn")
 

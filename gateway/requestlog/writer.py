@@ -155,11 +155,13 @@ class LogWriter:
         value = encode(record)
         self._bytes_since_check += len(value)
         segment = self._segment
-        with segment.guard.transaction(write=True) as txn:  # adopts the map size another worker grew it to
-            txn.put(key, value, db=segment.records)
-            txn.put(id_key(record.id), key, db=segment.ids)
-            if record.primary_id:  # `log get PRIMARY` finds its shadows too
-                txn.put(id_key(record.primary_id), key, db=segment.ids)
+        records, ids = segment.records, segment.ids
+        puts: tuple[tuple[lmdb._Database, bytes, bytes], ...]
+        if record.primary_id:  # `log get PRIMARY` finds its shadows too
+            puts = ((records, key, value), (ids, id_key(record.id), key), (ids, id_key(record.primary_id), key))
+        else:
+            puts = ((records, key, value), (ids, id_key(record.id), key))
+        segment.guard.put(puts)  # adopts the map size another worker grew it to
 
     def _put_growing(self, record: Record) -> None:
         """The record did not fit: put it in a fresh segment, growing the map for a record larger than
@@ -208,9 +210,15 @@ class LogWriter:
 
     async def commit(self, record: Record) -> None:
         """Return once `record` is committed (and fsynced, with `sync = "fsync"`)."""
+        fsynced = self.write(record)
+        if fsynced is not None:
+            await fsynced
+
+    def write(self, record: Record) -> asyncio.Future[None] | None:
+        """`commit` for the request path: commit `record` now; with `sync = "fsync"`, return the future
+        of its fsync (without fsync, None: no coroutine to create and resume per request)."""
         self.write_now(record)
-        if self._syncer is not None:
-            await self._durable()
+        return self._durable() if self._syncer is not None else None
 
     def write_now(self, record: Record) -> None:
         """Commit one record right here, on the event loop, without suspending the caller."""
