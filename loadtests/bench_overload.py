@@ -170,6 +170,14 @@ class HealthWatch:
         self._thread.join()
 
 
+@dataclass(frozen=True)
+class RefusalCost:
+    """What refusing cost the server under overload."""
+
+    us_each: float  # server CPU per refused call
+    core_share: float  # of the server's core, over the run
+
+
 @dataclass
 class OverloadFigures:
     sweep: dict[int, LoadResult]
@@ -179,7 +187,7 @@ class OverloadFigures:
     after: LoadResult
     health: list[str]
     health_slowest_ms: float
-    refusal_cpu: tuple[float, float]  # (server CPU per refused call in us, refusals' share of the core)
+    refusals: RefusalCost  # during the open-loop overload
 
     @property
     def sustainable(self) -> LoadResult:
@@ -206,8 +214,8 @@ class OverloadFigures:
             "p99_ratio_open_loop": round(self.ratio_open, 2),
             "p99_ratio_closed_loop": round(self.ratio_closed, 2),
             "health": {"serving": serving, "polls": len(self.health), "slowest_ms": self.health_slowest_ms},
-            "refusal_cpu_us": round(self.refusal_cpu[0]),
-            "refusals_core_share": round(self.refusal_cpu[1], 2),
+            "refusal_cpu_us": round(self.refusals.us_each),
+            "refusals_core_share": round(self.refusals.core_share, 2),
         }
 
     def summary(self) -> str:
@@ -219,8 +227,8 @@ class OverloadFigures:
             f"shed {shed_share(self.open_loop):.1%}\n"
             f"3x callers closed-loop: admitted p99 / sustainable p99 = {self.ratio_closed:.2f}, "
             f"shed {shed_share(self.closed_loop):.1%}\n"
-            f"refusals during the open-loop overload: ~{self.refusal_cpu[0]:.0f} us of server CPU each, "
-            f"~{self.refusal_cpu[1]:.0%} of the core\n"
+            f"refusals during the open-loop overload: ~{self.refusals.us_each:.0f} us of server CPU each, "
+            f"~{self.refusals.core_share:.0%} of the core\n"
             f"health during the open-loop overload: {self.health.count('SERVING')}/{len(self.health)} SERVING, "
             f"slowest answer {self.health_slowest_ms:.1f} ms\n"
             f"after the overload: {self.after.throughput:.0f} req/s, p99 {p99_ms(self.after):.2f} ms, "
@@ -270,24 +278,20 @@ def measure_overload(
         after,
         health.statuses,
         health.slowest_ms,
-        refusal_cpu(points[sustainable_c], open_point),
+        refusal_cost(points[sustainable_c], open_point),
     )
 
 
-def refusal_cpu(sustainable: Point, overload: Point) -> tuple[float, float]:
-    """What refusing cost the server under overload: CPU per refused call (us) and the share of the core.
-
-    The server's CPU in the overload run, less what its admitted calls cost at the sustainable point
+def refusal_cost(sustainable: Point, overload: Point) -> RefusalCost:
+    """The server's CPU in the overload run, less what its admitted calls cost at the sustainable point
     (whole runs, warm-up included, so calls are counted by `sent` and split by the measured shares)."""
-    admitted_us = sustainable.server_cpu_s * 1e6 / sustainable.load.sent
     load = overload.load
-    answered = load.ok + sum(load.errors.values())
     refused = load.sent * shed_share(load)
-    if not answered or not refused:
-        return 0.0, 0.0
-    admitted = load.sent * load.ok / answered
-    refusing_s = max(0.0, overload.server_cpu_s - admitted * admitted_us / 1e6)
-    return refusing_s * 1e6 / refused, refusing_s / load.wall_s
+    if not refused:
+        return RefusalCost(0.0, 0.0)
+    admitted = load.sent * load.ok / (load.ok + sum(load.errors.values()))
+    refusing_s = max(0.0, overload.server_cpu_s - admitted * sustainable.server_us_per_request / 1e6)
+    return RefusalCost(refusing_s * 1e6 / refused, refusing_s / load.wall_s)
 
 
 def measure_tls(args: argparse.Namespace, placement: Placement, workdir: Path) -> dict[str, list[LoadResult]]:
